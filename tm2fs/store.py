@@ -1,0 +1,444 @@
+"""The pool store: backends, the namespace, images and attachments, in SQL (SQLite or PostgreSQL).
+
+Everything the daemon knows about the pool lives here, so a restart (or another host) sees the same
+tree. Backends keep only image bytes under an opaque key. The store knows SQL and nothing of the
+rules: those are the service layer's. Callers never await while a transaction is open: the engine is
+synchronous and a SQLite writer that yields would block every other one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ROOT_INO = 1
+
+meta = sa.MetaData()
+
+schema_info = sa.Table(
+    "schema_info", meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+backend = sa.Table(
+    "storagebackend_pool", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("state", sa.String(16), nullable=False, default="INIT"),
+    sa.Column("tm", sa.String(64), nullable=False),
+    sa.Column("tm_raw", sa.Text, nullable=False, default="{}"),  # JSON object, driver arguments
+    sa.Column("capacity", sa.BigInteger),  # admin's cap in bytes; NULL = what the driver reports
+    sa.Column("total", sa.BigInteger),  # last monitored, bytes; NULL = unknown
+    sa.Column("free", sa.BigInteger),
+    sa.Column("used", sa.BigInteger),
+    sa.Column("cost", sa.Integer, nullable=False, default=0),
+    sa.Column("role", sa.String(16), nullable=False, default="SAN"),
+    sa.Column("tags", sa.Text, nullable=False, default="[]"),  # JSON list
+    sa.Column("attrs", sa.Text, nullable=False, default="{}"),  # JSON object, custom attributes
+    sa.Column("cluster", sa.String(255), nullable=False, default="default"),
+    sa.Column("timeout", sa.Float, nullable=False, default=30.0),  # seconds, every driver call
+    sa.Column("error", sa.Text),  # why the backend is in ERROR
+    sa.Column("root_ino", sa.BigInteger),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("monitored", sa.Float),
+)
+
+node = sa.Table(
+    "namespace", meta,
+    sa.Column("ino", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("parent", sa.BigInteger, nullable=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("backend_id", sa.Integer, nullable=True),  # NULL only for the root
+    sa.Column("mode", sa.Integer, nullable=False),  # full st_mode, type bits included
+    sa.Column("uid", sa.Integer, nullable=False),
+    sa.Column("gid", sa.Integer, nullable=False),
+    sa.Column("atime_ns", sa.BigInteger, nullable=False),
+    sa.Column("mtime_ns", sa.BigInteger, nullable=False),
+    sa.Column("ctime_ns", sa.BigInteger, nullable=False),
+    sa.Column("target", sa.Text),  # symlinks
+    sa.Column("image_id", sa.Integer, nullable=True, unique=True),  # regular files
+    sa.UniqueConstraint("parent", "name", name="namespace_parent_name"),
+)
+
+image = sa.Table(
+    "image", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("backend_id", sa.Integer, nullable=False, index=True),
+    sa.Column("key", sa.String(255), nullable=False),  # opaque name on the backend
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.UniqueConstraint("backend_id", "key", name="image_backend_key"),
+)
+
+attachment = sa.Table(
+    "attachment", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("image_id", sa.Integer, nullable=False, index=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("link_ino", sa.BigInteger),  # the symlink on the mount that made it, if any
+    sa.Column("created", sa.Float, nullable=False),
+    sa.UniqueConstraint("host", "path", name="attachment_host_path"),
+)
+
+# Migrations from version N to N+1; a new schema version appends one function here.
+MIGRATIONS: list = []
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    ino: int
+    parent: int | None
+    name: str
+    backend_id: int | None
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    target: str | None
+    image_id: int | None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    id: int
+    backend_id: int
+    key: str
+    size: int
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    id: int
+    name: str
+    state: str
+    tm: str
+    tm_raw: dict[str, Any]
+    capacity: int | None
+    total: int | None
+    free: int | None
+    used: int | None
+    cost: int
+    role: str
+    tags: list[str]
+    attrs: dict[str, Any]
+    cluster: str
+    timeout: float
+    error: str | None
+    root_ino: int
+    created: float
+    updated: float
+    monitored: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    id: int
+    image_id: int
+    host: str
+    path: str
+    link_ino: int | None
+    created: float
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _backend(row: Any) -> Backend:
+    m = row._mapping
+    return Backend(
+        **{k: m[k] for k in ("id", "name", "state", "tm", "capacity", "total", "free", "used",
+                             "cost", "role", "cluster", "timeout", "error", "root_ino", "created",
+                             "updated", "monitored")},
+        tm_raw=json.loads(m["tm_raw"]), tags=json.loads(m["tags"]), attrs=json.loads(m["attrs"]),
+    )
+
+
+def _node(row: Any) -> Node:
+    return Node(**row._mapping)
+
+
+class Tx:
+    """One transaction's worth of queries; the service composes them into its rules."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self.c = conn
+
+    # backends
+    def backends(self) -> list[Backend]:
+        return [_backend(r) for r in self.c.execute(sa.select(backend).order_by(backend.c.id))]
+
+    def backend(self, backend_id: int) -> Backend | None:
+        row = self.c.execute(sa.select(backend).where(backend.c.id == backend_id)).first()
+        return _backend(row) if row else None
+
+    def backend_by_name(self, name: str) -> Backend | None:
+        row = self.c.execute(sa.select(backend).where(backend.c.name == name)).first()
+        return _backend(row) if row else None
+
+    def insert_backend(self, **values: Any) -> int:
+        values = _encode_backend(values)
+        t = time.time()
+        result = self.c.execute(backend.insert().values(created=t, updated=t, **values))
+        return result.inserted_primary_key[0]
+
+    def update_backend(self, backend_id: int, **values: Any) -> None:
+        values = _encode_backend(values)
+        values.setdefault("updated", time.time())
+        self.c.execute(backend.update().where(backend.c.id == backend_id).values(**values))
+
+    def delete_backend(self, backend_id: int) -> None:
+        self.c.execute(attachment.delete().where(attachment.c.image_id.in_(
+            sa.select(image.c.id).where(image.c.backend_id == backend_id))))
+        self.c.execute(image.delete().where(image.c.backend_id == backend_id))
+        self.c.execute(node.delete().where(node.c.backend_id == backend_id))
+        self.c.execute(backend.delete().where(backend.c.id == backend_id))
+
+    def counters(self) -> dict[int, tuple[int, int, int]]:
+        """backend id -> (NBIMAGE, NBVM, allocated bytes), counted, so they are always true."""
+        images = dict(
+            (r[0], (r[1], r[2] or 0))
+            for r in self.c.execute(
+                sa.select(image.c.backend_id, sa.func.count(), sa.func.sum(image.c.size))
+                .group_by(image.c.backend_id))
+        )
+        vms = dict(self.c.execute(
+            sa.select(image.c.backend_id, sa.func.count())
+            .select_from(attachment.join(image, attachment.c.image_id == image.c.id))
+            .group_by(image.c.backend_id)).all())
+        ids = set(images) | set(vms)
+        return {i: (images.get(i, (0, 0))[0], vms.get(i, 0), int(images.get(i, (0, 0))[1]))
+                for i in ids}
+
+    # namespace
+    def node(self, ino: int) -> Node | None:
+        row = self.c.execute(sa.select(node).where(node.c.ino == ino)).first()
+        return _node(row) if row else None
+
+    def child(self, parent: int, name: str) -> Node | None:
+        row = self.c.execute(
+            sa.select(node).where(node.c.parent == parent, node.c.name == name)).first()
+        return _node(row) if row else None
+
+    def children(self, parent: int, after_ino: int = 0, limit: int | None = None) -> list[Node]:
+        q = (sa.select(node).where(node.c.parent == parent, node.c.ino > after_ino)
+             .order_by(node.c.ino))
+        if limit:
+            q = q.limit(limit)
+        return [_node(r) for r in self.c.execute(q)]
+
+    def has_children(self, parent: int) -> bool:
+        return self.c.execute(
+            sa.select(node.c.ino).where(node.c.parent == parent).limit(1)).first() is not None
+
+    def count_subdirs(self, parent: int) -> int:
+        return self.c.execute(
+            sa.select(sa.func.count()).where(node.c.parent == parent,
+                                             sa.func.mod(node.c.mode, 0o200000) >= 0o40000,
+                                             sa.func.mod(node.c.mode, 0o200000) < 0o60000)
+        ).scalar_one()
+
+    def insert_node(self, **values: Any) -> int:
+        t = now_ns()
+        for k in ("atime_ns", "mtime_ns", "ctime_ns"):
+            values.setdefault(k, t)
+        return self.c.execute(node.insert().values(**values)).inserted_primary_key[0]
+
+    def update_node(self, ino: int, **values: Any) -> None:
+        self.c.execute(node.update().where(node.c.ino == ino).values(**values))
+
+    def delete_node(self, ino: int) -> None:
+        self.c.execute(node.delete().where(node.c.ino == ino))
+
+    def node_by_image(self, image_id: int) -> Node | None:
+        row = self.c.execute(sa.select(node).where(node.c.image_id == image_id)).first()
+        return _node(row) if row else None
+
+    def subtree_images(self, ino: int) -> list[int]:
+        """Image ids below a directory (used to refuse deleting what is attached)."""
+        out, todo = [], [ino]
+        while todo:
+            for child in self.children(todo.pop()):
+                if child.image_id is not None:
+                    out.append(child.image_id)
+                if child.is_dir:
+                    todo.append(child.ino)
+        return out
+
+    # images
+    def image(self, image_id: int) -> Image | None:
+        row = self.c.execute(sa.select(image).where(image.c.id == image_id)).first()
+        return Image(**row._mapping) if row else None
+
+    def images(self, backend_id: int | None = None) -> list[Image]:
+        q = sa.select(image).order_by(image.c.id)
+        if backend_id is not None:
+            q = q.where(image.c.backend_id == backend_id)
+        return [Image(**r._mapping) for r in self.c.execute(q)]
+
+    def insert_image(self, backend_id: int, key: str, size: int) -> int:
+        return self.c.execute(image.insert().values(
+            backend_id=backend_id, key=key, size=size, created=time.time())
+        ).inserted_primary_key[0]
+
+    def set_image_size(self, image_id: int, size: int) -> None:
+        self.c.execute(image.update().where(image.c.id == image_id).values(size=size))
+
+    def delete_image(self, image_id: int) -> None:
+        self.c.execute(attachment.delete().where(attachment.c.image_id == image_id))
+        self.c.execute(image.delete().where(image.c.id == image_id))
+
+    def orphan_images(self) -> list[Image]:
+        """Images that no namespace entry names (left by a crash during an unlink)."""
+        q = sa.select(image).where(~sa.exists().where(node.c.image_id == image.c.id))
+        return [Image(**r._mapping) for r in self.c.execute(q)]
+
+    # attachments
+    def attachments(self, image_id: int | None = None, backend_id: int | None = None,
+                    host: str | None = None) -> list[Attachment]:
+        q = sa.select(attachment).order_by(attachment.c.id)
+        if image_id is not None:
+            q = q.where(attachment.c.image_id == image_id)
+        if backend_id is not None:
+            q = q.where(attachment.c.image_id.in_(
+                sa.select(image.c.id).where(image.c.backend_id == backend_id)))
+        if host is not None:
+            q = q.where(attachment.c.host == host)
+        return [Attachment(**r._mapping) for r in self.c.execute(q)]
+
+    def attachment_at(self, host: str, path: str) -> Attachment | None:
+        row = self.c.execute(sa.select(attachment).where(
+            attachment.c.host == host, attachment.c.path == path)).first()
+        return Attachment(**row._mapping) if row else None
+
+    def attachment_by_link(self, link_ino: int) -> Attachment | None:
+        row = self.c.execute(
+            sa.select(attachment).where(attachment.c.link_ino == link_ino)).first()
+        return Attachment(**row._mapping) if row else None
+
+    def insert_attachment(self, image_id: int, host: str, path: str,
+                          link_ino: int | None = None) -> int:
+        return self.c.execute(attachment.insert().values(
+            image_id=image_id, host=host, path=path, link_ino=link_ino, created=time.time())
+        ).inserted_primary_key[0]
+
+    def set_attachment_path(self, attachment_id: int, path: str) -> None:
+        self.c.execute(attachment.update().where(attachment.c.id == attachment_id).values(path=path))
+
+    def delete_attachment(self, attachment_id: int) -> None:
+        self.c.execute(attachment.delete().where(attachment.c.id == attachment_id))
+
+
+def _encode_backend(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for k in ("tm_raw", "tags", "attrs"):
+        if k in out and not isinstance(out[k], str):
+            out[k] = json.dumps(out[k], sort_keys=True)
+    return out
+
+
+class PoolStore:
+    """Owns the engine; `begin()` gives a transaction, `read()` a consistent read."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _engine(url)
+        self._migrate()
+
+    @contextmanager
+    def begin(self) -> Iterator[Tx]:
+        """A write transaction (on SQLite it takes the write lock at once)."""
+        with self.engine.begin() as conn:
+            yield Tx(conn)
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A read-only transaction: never takes SQLite's write lock."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(tm2fs_read=True)
+            with conn.begin():
+                yield Tx(conn)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _migrate(self) -> None:
+        with self.begin() as tx:
+            meta.create_all(tx.c)
+            row = tx.c.execute(sa.select(schema_info.c.version)).first()
+            if row is None:
+                tx.c.execute(schema_info.insert().values(id=1, version=SCHEMA_VERSION))
+                t = now_ns()
+                tx.c.execute(node.insert().values(
+                    ino=ROOT_INO, parent=None, name="", backend_id=None, mode=stat.S_IFDIR | 0o755,
+                    uid=0, gid=0, atime_ns=t, mtime_ns=t, ctime_ns=t))
+                if tx.c.dialect.name == "postgresql":  # explicit ino above: move the sequence on
+                    tx.c.execute(sa.text(
+                        "SELECT setval(pg_get_serial_sequence('namespace', 'ino'), 1)"))
+                return
+            version = row[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"pool store schema is version {version}, newer than this tm2fs "
+                    f"({SCHEMA_VERSION}): upgrade tm2fs")
+            for v in range(version, SCHEMA_VERSION):
+                log.info("migrating pool store schema %d -> %d", v, v + 1)
+                MIGRATIONS[v - 1](tx.c)
+            tx.c.execute(schema_info.update().values(version=SCHEMA_VERSION))
+
+
+def _engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            # Writers take the lock up front: no deadlock between two readers that both upgrade.
+            read = conn.get_execution_options().get("tm2fs_read")
+            conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def sqlite_url(path: str) -> str:
+    return f"sqlite:///{path}"
