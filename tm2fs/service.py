@@ -123,6 +123,8 @@ class Service:
         self._runtime: dict[int, BackendRuntime] = {}
         self._backends: dict[int, Backend] = {}
         self._open: dict[int, OpenImage] = {}
+        #: backends whose FREE/USED changed since their last monitor (the monitor loop re-reads them)
+        self.stale: set[int] = set()
         #: called with (ino, parent_ino, name) after a change not made through the mount
         self.listeners: list[Callable[[int | None, int | None, str | None], None]] = []
         self._reload()
@@ -660,6 +662,7 @@ class Service:
             with trio.CancelScope(shield=True):
                 await _quietly(self._runtime_for(b).driver.delete(key))
             raise
+        self.stale.add(b.id)
         self._changed(parent, parent, name, caller)
         return attr
 
@@ -701,6 +704,7 @@ class Service:
 
     async def _delete_data(self, b: Backend, key: str) -> None:
         """After the rows are gone: a failure here leaves a key that reconcile() sweeps."""
+        self.stale.add(b.id)
         try:
             async with self._call(b, "delete") as driver:
                 await driver.delete(key)
@@ -898,6 +902,7 @@ class Service:
         assert im is not None
         async with self._call(b, "resize") as driver:
             await driver.resize(im.key, size)
+        self.stale.add(b.id)
         with self.store.begin() as tx:
             tx.set_image_size(im.id, size)
             tx.update_node(n.ino, mtime_ns=t)
@@ -985,6 +990,7 @@ class Service:
     def _persist(self, oi: OpenImage) -> None:
         if not oi.dirty or oi.unlinked:
             return
+        self.stale.add(oi.backend_id)
         with self.store.begin() as tx:
             tx.set_image_size(oi.image_id, oi.size)
             tx.update_node(oi.ino, mtime_ns=oi.mtime_ns, ctime_ns=oi.mtime_ns)
@@ -1079,7 +1085,7 @@ class Service:
     async def allocate(self, address: str, size: int | str, caller: Caller,
                        mode: int = 0o600) -> dict[str, Any]:
         size = parse_size(size)
-        b, parent, name = self._parent_of(address, caller)
+        _, parent, name = self._parent_of(address, caller)
         await self.create(parent, name, mode, caller, size=size)
         log.info("allocated %s (%d bytes)", address, size)
         return self.image_info(address, caller)
@@ -1102,7 +1108,7 @@ class Service:
         return self.image_info(address, caller)
 
     async def delete(self, address: str, caller: Caller) -> None:
-        b, parts, n = self._resolve(address, caller)
+        _, _, n = self._resolve(address, caller)
         if n is None:
             raise err.NotFound(f"{address} does not exist")
         if n.is_dir:
@@ -1119,7 +1125,7 @@ class Service:
         db, parent, name = self._parent_of(dst, caller)
         with self.store.read() as tx:
             im = tx.image(sn.image_id)  # type: ignore[arg-type]
-            p, _ = self._dir_for_change(tx, parent, caller)
+            self._dir_for_change(tx, parent, caller)
         assert im is not None
         oi = self._open.get(im.id)
         if oi is not None:  # make what is written so far visible to the driver
@@ -1146,6 +1152,7 @@ class Service:
             with trio.CancelScope(shield=True):
                 await _quietly(self._runtime_for(db).driver.delete(key))
             raise
+        self.stale.add(db.id)
         self._changed(parent, parent, name, caller)
         log.info("cloned %s -> %s", src, dst)
         return self.image_info(dst, caller)
@@ -1176,7 +1183,7 @@ class Service:
                            create: bool = False, exclusive: bool = False,
                            truncate: bool = False) -> OpenFile:
         """For read/write/get/push through the API: open (creating if asked) by address."""
-        b, parts, n = self._resolve(address, caller)
+        _, _, n = self._resolve(address, caller)
         if n is None:
             if not create:
                 raise err.NotFound(f"{address} does not exist")
@@ -1208,7 +1215,7 @@ class Service:
         return {"ID": aid, "IMAGE": address, "HOST": host, "PATH": path}
 
     def detach(self, address: str, path: str, caller: Caller, host: str | None = None) -> None:
-        b, n = self._image_node(address, caller)
+        _, n = self._image_node(address, caller)
         self._check(caller, n, 4)
         host = host or self.host
         with self.store.begin() as tx:

@@ -24,7 +24,7 @@ def parse_template(text: str) -> dict[str, Any]:
         tokens = list(lexer)
     except ValueError as e:
         raise InvalidArgument(f"template: {e}", "check the quotes") from None
-    out, pos = _pairs(tokens, 0, nested=False)
+    out, _ = _pairs(tokens, 0, nested=False)
     return out
 
 

@@ -1,0 +1,175 @@
+"""`tm2fs MOUNTPOINT`: the daemon. Mounts the pool, serves the control socket, monitors backends.
+
+One process, one trio loop. One AsyncExitStack owns every resource in the order it was started.
+On SIGTERM/SIGINT the FUSE loop finishes the requests in flight, open images are made durable and
+the filesystem is unmounted. After a crash the mount is deliberately left in place (it answers
+ENOTCONN): an empty-looking mountpoint is worse, as rsync or a script might mirror it. A restart
+clears such a stale mount and mounts again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import __version__
+from .store import PoolStore, sqlite_url
+
+log = logging.getLogger("tm2fs")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tm2fs",
+        description="Mount the storage pool: one directory per backend, one file per image.",
+        epilog="Example: tm2fs --state-dir /var/lib/tm2fs /var/lib/tm2fs/mnt   "
+               "(then: onestoragebackend list; tm2 allocate local:disk.img 10G)",
+    )
+    p.add_argument("mountpoint", help="where the pool appears (created if missing)")
+    p.add_argument("--state-dir", default="/var/lib/tm2fs",
+                   help="pool database and the default `local` backend live here "
+                        "(default: %(default)s)")
+    p.add_argument("--db", metavar="URL",
+                   help="pool store: sqlite:///path or postgresql+psycopg://user@host/db "
+                        "(default: sqlite under the state dir)")
+    p.add_argument("--socket", default=os.environ.get("TM2FS_SOCKET", "/run/tm2fs/tm2fs.sock"),
+                   help="control socket for the CLIs (default: $TM2FS_SOCKET or %(default)s)")
+    p.add_argument("--host", default=socket.gethostname(),
+                   help="this hypervisor's name in the pool (default: the hostname)")
+    p.add_argument("--monitor-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="how often every backend's capacity and state is refreshed")
+    p.add_argument("--no-default-backend", action="store_true",
+                   help="do not create the `local` directory backend in an empty pool")
+    p.add_argument("-f", "--foreground", action="store_true", default=True,
+                   help="stay in the foreground (the default; systemd runs it so)")
+    p.add_argument("--background", dest="foreground", action="store_false",
+                   help="detach once the mount is ready")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version=f"tm2fs {__version__}")
+    return p.parse_args(argv)
+
+
+def setup_logging(debug: bool) -> None:
+    """Logs go to stderr; under systemd (JOURNAL_STREAM set) journald adds the timestamps."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt,
+                        stream=sys.stderr)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.sendto(message.encode(), path)
+
+
+def prepare_mountpoint(path: Path) -> None:
+    """Create the mountpoint; clear a stale mount left by a crashed daemon (ENOTCONN)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.stat(path)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s is a stale mount of a crashed daemon: unmounting it", path)
+        subprocess.run(["fusermount3", "-u", "-z", "--", str(path)], check=True)
+    if os.path.ismount(path):
+        raise SystemExit(f"tm2fs: {path} is already mounted (is another tm2fs running?)")
+
+
+async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
+    from . import api, fs, monitor
+    from .service import Service
+
+    state_dir = Path(args.state_dir).absolute()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    mountpoint = Path(args.mountpoint).absolute()
+    prepare_mountpoint(mountpoint)
+    store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
+    service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint))
+    await service.monitor_all()
+    await service.reconcile()
+    if not args.no_default_backend:
+        await service.ensure_default_backend()
+
+    clean = False
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(store.close)
+        stack.push_async_callback(service.stop)
+        pyfuse3.init(fs.Operations(service), str(mountpoint), fs.mount_options())
+        # Unmount only on a clean stop; after a crash the mount stays (ENOTCONN).
+        stack.callback(lambda: pyfuse3.close(unmount=clean))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(api.serve, service, args.socket)
+        nursery.start_soon(monitor.run, service, args.monitor_interval)
+        nursery.start_soon(_stop_on_signals)
+        log.info("tm2fs %s: pool mounted at %s, control socket %s, host %s", __version__,
+                 mountpoint, args.socket, args.host)
+        sd_notify("READY=1\nSTATUS=serving")
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        await pyfuse3.main()
+        sd_notify("STOPPING=1")
+        log.info("stopping: requests finished, closing images and unmounting")
+        nursery.cancel_scope.cancel()
+        clean = True
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("got %s", signal.Signals(signum).name)
+            pyfuse3.terminate()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.debug)
+    ready_fd = None
+    if not args.foreground:
+        ready_fd = _detach()
+    try:
+        trio.run(run, args, ready_fd)
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("tm2fs crashed; the mount is left in place (restart tm2fs to remount)")
+        sys.exit(1)
+
+
+def _detach() -> int:
+    """Fork before trio starts; the parent exits 0 once the child reports the mount ready."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        ok = os.read(read_fd, 1)
+        sys.exit(0 if ok == b"1" else 1)
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    return write_fd
+
+
+if __name__ == "__main__":
+    main()
