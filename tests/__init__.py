@@ -1,0 +1,1 @@
+"""tm2fs test suite: unit tests call handlers directly; integration tests start real parts."""
