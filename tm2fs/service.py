@@ -595,6 +595,11 @@ class Service:
         with self.store.read() as tx:
             return self._attr(tx, self._get(tx, ino))
 
+    def parent_of(self, ino: int) -> int:
+        with self.store.read() as tx:
+            n = self._get(tx, ino)
+        return n.parent if n.parent is not None else ROOT_INO
+
     def lookup(self, parent: int, name: str) -> Attr:
         with self.store.read() as tx:
             n = tx.child(parent, name)

@@ -1,0 +1,296 @@
+"""The FUSE view of the pool (pyfuse3): backends as directories, images as files.
+
+Handlers are thin, as in S3QL: each translates its arguments, makes one service call and turns
+the result into pyfuse3 types. Errors are mapped in one place (`_errors`): a service error
+carries its errno, an OSError keeps its own, anything unexpected is logged with its traceback and
+becomes EIO. Permission checks are the kernel's (mount option `default_permissions`), so callers
+reach the service with origin "fs".
+
+Kernel caching: entries and attributes are cached for `CACHE_TIMEOUT` seconds. Changes made on
+this mount are known to the kernel; changes made through the control API (`tm2 resize`, a new
+backend) reach the kernel through `service.listeners`, which invalidate the entries concerned.
+Invalidation runs in a worker thread: the kernel may need a lock held by a request that is itself
+waiting for the trio loop, so calling it on the loop could deadlock.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .errors import Tm2Error
+from .service import Attr, Caller, OpenFile, Service
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 1.0  # seconds; short, so another host's changes (issue 7) show up promptly
+BLOCK = 4096
+FILES = 2**32  # the namespace lives in SQL: no fixed inode table to run out of
+
+
+def mount_options(name: str = "tm2fs") -> set[str]:
+    """`allow_other`: qemu and oneadmin reach the images; `default_permissions`: the kernel checks
+    modes against what getattr shows."""
+    return set(pyfuse3.default_options) | {f"fsname={name}", "subtype=tm2fs", "allow_other",
+                                           "default_permissions"}
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """The one place where exceptions become errnos."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except Tm2Error as e:
+        raise pyfuse3.FUSEError(e.errno) from None
+    except OSError as e:
+        raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+    except Exception:
+        log.exception("unexpected error in a filesystem request")
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _caller(ctx: pyfuse3.RequestContext | None) -> Caller:
+    if ctx is None:
+        return Caller(0, 0, origin="fs")
+    return Caller(ctx.uid, ctx.gid, origin="fs")
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.generation = 0
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_size = attr.size
+    e.st_rdev = 0
+    e.st_blksize = 128 * 1024
+    e.st_blocks = (attr.size + 511) // 512
+    e.st_atime_ns = attr.atime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.ctime_ns
+    e.entry_timeout = CACHE_TIMEOUT
+    e.attr_timeout = CACHE_TIMEOUT
+    return e
+
+
+def _name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # fsync must reach the backend; the kernel may not delay it
+    enable_acl = False
+
+    def __init__(self, service: Service) -> None:
+        super().__init__()
+        self.service = service
+        self._files: dict[int, OpenFile] = {}
+        self._fh = itertools.count(1)
+        service.listeners.append(self._invalidate)
+
+    # ------------------------------------------------------------------ cache invalidation
+
+    def _invalidate(self, ino: int | None, parent: int | None, name: str | None) -> None:
+        token = pyfuse3.trio_token
+        if token is None:  # not mounted (unit tests call handlers directly)
+            return
+        trio.lowlevel.spawn_system_task(self._invalidate_in_thread, ino, parent, name)
+
+    async def _invalidate_in_thread(self, ino: int | None, parent: int | None,
+                                    name: str | None) -> None:
+        def work() -> None:
+            # ENOENT only means the kernel had nothing cached
+            if parent is not None and name is not None:
+                with suppress(OSError):
+                    pyfuse3.invalidate_entry(parent, name.encode())
+            if ino is not None:
+                with suppress(OSError):
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+
+        await trio.to_thread.run_sync(work)
+
+    # ------------------------------------------------------------------ metadata
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        with _errors():
+            if name == b".":
+                return _entry(self.service.getattr(parent_inode))
+            if name == b"..":
+                return _entry(self.service.getattr(self.service.parent_of(parent_inode)))
+            return _entry(self.service.lookup(parent_inode, _name(name)))
+
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return _entry(self.service.getattr(inode))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        kwargs: dict[str, Any] = {}
+        if fields.update_mode:
+            kwargs["mode"] = attr.st_mode
+        if fields.update_uid:
+            kwargs["uid"] = attr.st_uid
+        if fields.update_gid:
+            kwargs["gid"] = attr.st_gid
+        if fields.update_size:
+            kwargs["size"] = attr.st_size
+        if fields.update_atime:
+            kwargs["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kwargs["mtime_ns"] = attr.st_mtime_ns
+        with _errors():
+            return _entry(await self.service.setattr(inode, _caller(ctx), **kwargs))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors():
+            return self.service.readlink(inode).encode()
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errors():
+            if not stat.S_ISDIR(self.service.getattr(inode).mode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """The cookie is the inode of the last entry sent: stable under concurrent changes."""
+        with _errors():
+            after = start_id
+            while True:
+                entries = self.service.readdir(fh, after, limit=500)
+                if not entries:
+                    return
+                for name, attr in entries:
+                    if not pyfuse3.readdir_reply(token, name.encode(), _entry(attr), attr.ino):
+                        return
+                    after = attr.ino
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        with _errors():
+            cap = self.service.statfs(pyfuse3.ROOT_INODE)
+        return _statvfs(cap.total, cap.free)
+
+    # ------------------------------------------------------------------ namespace changes
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return _entry(self.service.mkdir(parent_inode, _name(name), mode, _caller(ctx)))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors():
+            self.service.rmdir(parent_inode, _name(name), _caller(ctx))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors():
+            await self.service.unlink(parent_inode, _name(name), _caller(ctx))
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        with _errors():
+            await self.service.rename(
+                parent_inode_old, _name(name_old), parent_inode_new, _name(name_new), _caller(ctx),
+                noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+                exchange=bool(flags & pyfuse3.RENAME_EXCHANGE))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return _entry(self.service.symlink(parent_inode, _name(name), _name(target),
+                                               _caller(ctx)))
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)  # an image has exactly one name
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if stat.S_IFMT(mode) != stat.S_IFREG:
+            raise pyfuse3.FUSEError(errno.EPERM)  # only regular files (images) live here
+        with _errors():
+            return _entry(await self.service.create(parent_inode, _name(name), mode,
+                                                    _caller(ctx)))
+
+    # ------------------------------------------------------------------ data
+
+    def _add(self, of: OpenFile) -> int:
+        fh = next(self._fh)
+        self._files[fh] = of
+        return fh
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        with _errors():
+            caller = _caller(ctx)
+            attr = await self.service.create(parent_inode, _name(name), mode, caller)
+            of = await self.service.open(attr.ino, caller, writable=True,
+                                         append=bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=self._add(of)), _entry(attr)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        with _errors():
+            of = await self.service.open(inode, _caller(ctx), writable=writable,
+                                         truncate=bool(flags & os.O_TRUNC),
+                                         append=bool(flags & os.O_APPEND))
+        # keep_cache: the page cache stays valid across opens; the data changes only through
+        # this mount (the API's writes invalidate the inode)
+        return pyfuse3.FileInfo(fh=self._add(of), keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errors():
+            return await self.service.read(self._files[fh], off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with _errors():
+            return await self.service.write(self._files[fh], off, buf)
+
+    async def flush(self, fh: int) -> None:
+        with _errors():
+            await self.service.flush(self._files[fh])
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with _errors():
+            await self.service.fsync(self._files[fh])
+
+    async def release(self, fh: int) -> None:
+        of = self._files.pop(fh)
+        with _errors():
+            await self.service.release(of)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+
+def _statvfs(total: int | None, free: int | None) -> pyfuse3.StatvfsData:
+    st = pyfuse3.StatvfsData()
+    st.f_bsize = BLOCK
+    st.f_frsize = BLOCK
+    st.f_blocks = (total or 0) // BLOCK
+    st.f_bfree = (free or 0) // BLOCK
+    st.f_bavail = st.f_bfree
+    st.f_files = FILES
+    st.f_ffree = FILES
+    st.f_favail = FILES
+    st.f_namemax = 255
+    return st
