@@ -137,8 +137,14 @@ def test_free_and_used_follow_writes(daemon: Daemon) -> None:
     assert abs(st.f_bavail * st.f_frsize - after["FREE"]) < 256 * MiB
 
 
+def stable(backends: dict) -> dict:
+    """What bad input must not change: everything but clocks and the disk's own free space."""
+    return {n: {k: v for k, v in b.items() if k not in ("MONITORED", "FREE", "USED")}
+            for n, b in backends.items()}
+
+
 def test_bad_input_through_every_door(daemon: Daemon) -> None:
-    before = daemon.backends()
+    before = stable(daemon.backends())
     for args in (["allocate", "local:a/", "1M"], ["allocate", "local:..", "1M"],
                  ["allocate", "local:" + "x" * 256, "1M"], ["allocate", "local:x", "-1"],
                  ["allocate", "local:x", "10Q"], ["allocate", "nosuch:x", "1M"],
@@ -155,7 +161,7 @@ def test_bad_input_through_every_door(daemon: Daemon) -> None:
     assert e.value.errno == errno.EPERM
     dup = daemon.backend_cli("create", "--name", "local", "--tm", "dir")
     assert dup.returncode == 1 and b"exists" in dup.stderr
-    assert daemon.backends() == before
+    assert stable(daemon.backends()) == before
     assert os.listdir(daemon.mnt / "local") == []
 
 

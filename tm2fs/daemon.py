@@ -83,17 +83,33 @@ def sd_notify(message: str) -> None:
 
 
 def prepare_mountpoint(path: Path) -> None:
-    """Create the mountpoint; clear a stale mount left by a crashed daemon (ENOTCONN)."""
+    """Create the mountpoint; clear a stale mount left by a crashed daemon (ENOTCONN).
+
+    The stat of a stale mount's root can still succeed from the kernel's attribute cache, so
+    staleness is judged by listing it.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
-        os.stat(path)
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.EEXIST):
+            raise
+    if not is_mounted(path):
+        return
+    try:
+        os.listdir(path)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
         log.warning("%s is a stale mount of a crashed daemon: unmounting it", path)
         subprocess.run(["fusermount3", "-u", "-z", "--", str(path)], check=True)
-    if os.path.ismount(path):
-        raise SystemExit(f"tm2fs: {path} is already mounted (is another tm2fs running?)")
+        return
+    raise SystemExit(f"tm2fs: {path} is already mounted (is another tm2fs running?)")
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(str(path)).replace(b" ", b"\\040")
+    with open("/proc/self/mounts", "rb") as f:
+        return any(line.split()[1] == target for line in f)
 
 
 async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:

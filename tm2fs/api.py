@@ -1,0 +1,309 @@
+"""The control API: HTTP + JSON on a Unix socket, served inside the daemon's trio loop.
+
+Routes only translate: arguments -> one service call, `Tm2Error` -> its HTTP status and JSON body.
+The route table is also the source of `GET /openapi.json`, so the description cannot drift from
+what is served. Image data streams both ways in chunks; nothing holds a whole image in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import __version__
+from . import errors as err
+from .httpserver import Request, Response, serve_unix
+from .service import Caller, Service
+
+log = logging.getLogger(__name__)
+CHUNK = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str
+    summary: str
+    func: Callable[..., Awaitable[Any]]
+    body: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern) + "$")
+
+
+ROUTES: list[Route] = []
+
+
+def route(method: str, pattern: str, summary: str, body: tuple[str, ...] = (),
+          query: tuple[str, ...] = ()) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+    def register(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        ROUTES.append(Route(method, pattern, summary, func, body, query))
+        return func
+
+    return register
+
+
+def caller_of(request: Request) -> Caller:
+    p = request.peer
+    return Caller(p.uid, p.gid, p.groups, origin="api")
+
+
+def _arg(data: dict[str, Any], name: str) -> Any:
+    if name not in data or data[name] in (None, ""):
+        raise err.InvalidArgument(f"{name!r} is missing from the request")
+    return data[name]
+
+
+def _flag(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------------- backends
+
+
+@route("GET", "/v1/backends", "List the storage backends of the pool")
+async def list_backends(svc: Service, req: Request) -> Any:
+    return svc.list_backends()
+
+
+@route("POST", "/v1/backends", "Create a backend from template attributes (NAME, TM, TM_RAW, ...)",
+       body=("NAME", "TM", "TM_RAW", "CAPACITY", "COST", "ROLE", "TAGS", "CLUSTER", "TIMEOUT"))
+async def create_backend(svc: Service, req: Request) -> Any:
+    return Response.json(await svc.create_backend(caller_of(req), await _object(req)), 201)
+
+
+@route("GET", "/v1/backends/{ref}", "Show one backend (by name or ID) with its images")
+async def show_backend(svc: Service, req: Request, ref: str) -> Any:
+    return svc.backend_info(ref, detail=True)
+
+
+@route("PATCH", "/v1/backends/{ref}", "Update a backend's attributes (merge; empty removes)")
+async def update_backend(svc: Service, req: Request, ref: str) -> Any:
+    return await svc.update_backend(caller_of(req), ref, await _object(req))
+
+
+@route("DELETE", "/v1/backends/{ref}", "Delete a backend (refused while it holds images)",
+       query=("force",))
+async def delete_backend(svc: Service, req: Request, ref: str) -> Any:
+    await svc.delete_backend(caller_of(req), ref, force=_flag(req.query.get("force", "")))
+    return Response(204)
+
+
+@route("POST", "/v1/backends/{ref}/enable", "Enable a backend (re-checks it at once)")
+async def enable_backend(svc: Service, req: Request, ref: str) -> Any:
+    return await svc.set_enabled(caller_of(req), ref, True)
+
+
+@route("POST", "/v1/backends/{ref}/disable", "Disable a backend: read-only until enabled")
+async def disable_backend(svc: Service, req: Request, ref: str) -> Any:
+    return await svc.set_enabled(caller_of(req), ref, False)
+
+
+# ---------------------------------------------------------------------- TM2 actions
+
+
+@route("POST", "/v1/images/allocate", "allocate: a new (sparse) image", body=("address", "size"))
+async def allocate(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    info = await svc.allocate(_arg(data, "address"), _arg(data, "size"), caller_of(req))
+    return Response.json(info, 201)
+
+
+@route("POST", "/v1/images/resize", "resize: grow (or shrink with shrink=true)",
+       body=("address", "size", "shrink"))
+async def resize(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    return await svc.resize(_arg(data, "address"), _arg(data, "size"), caller_of(req),
+                            shrink=_flag(data.get("shrink", False)))
+
+
+@route("POST", "/v1/images/delete", "delete: remove an image (refused while attached)",
+       body=("address",))
+async def delete(svc: Service, req: Request) -> Any:
+    await svc.delete(_arg(await _object(req), "address"), caller_of(req))
+    return Response(204)
+
+
+@route("GET", "/v1/images/size", "get-size: the image's size in bytes", query=("address",))
+async def get_size(svc: Service, req: Request) -> Any:
+    return {"size": svc.get_size(_arg(req.query, "address"), caller_of(req))}
+
+
+@route("GET", "/v1/images/info", "An image's attributes and attachments", query=("address",))
+async def info(svc: Service, req: Request) -> Any:
+    return svc.image_info(_arg(req.query, "address"), caller_of(req))
+
+
+@route("POST", "/v1/images/clone", "clone: COW/reflink inside a backend, a copy across",
+       body=("src", "dst"))
+async def clone(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    return Response.json(await svc.clone(_arg(data, "src"), _arg(data, "dst"), caller_of(req)),
+                         201)
+
+
+@route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host",
+       body=("address", "path", "host"))
+async def attach(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    return Response.json(svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
+                                    data.get("host")), 201)
+
+
+@route("POST", "/v1/images/detach", "detach: forget an attachment", body=("address", "path", "host"))
+async def detach(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    svc.detach(_arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"))
+    return Response(204)
+
+
+@route("GET", "/v1/images/data", "read / get: stream the image's bytes", query=("address",))
+async def read(svc: Service, req: Request) -> Any:
+    of = await svc.open_address(_arg(req.query, "address"), caller_of(req), writable=False)
+    size = of.image.size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            done = 0
+            while done < size:
+                chunk = await svc.read(of, done, min(CHUNK, size - done))
+                if not chunk:
+                    raise err.Tm2Error("image ended before its size")
+                done += len(chunk)
+                yield chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                await svc.release(of)
+
+    return Response(200, chunks(), "application/octet-stream", length=size)
+
+
+@route("PUT", "/v1/images/data", "write (replace, creating if missing) / push (new image only)",
+       query=("address", "mode"))
+async def write(svc: Service, req: Request) -> Any:
+    address = _arg(req.query, "address")
+    mode = req.query.get("mode", "write")
+    if mode not in ("write", "push"):
+        raise err.InvalidArgument(f"mode {mode!r} is not write or push")
+    caller = caller_of(req)
+    push = mode == "push"
+    of = await svc.open_address(address, caller, writable=True, create=True, exclusive=push,
+                                truncate=True)
+    done = 0
+    try:
+        buf = bytearray()
+        async for chunk in req.body:
+            buf += chunk
+            if len(buf) >= CHUNK:
+                done = await _write_chunk(svc, of, done, bytes(buf))
+                buf.clear()
+        done = await _write_chunk(svc, of, done, bytes(buf))
+        if of.image.size < done:  # trailing zeros were skipped: the size still counts
+            await svc.setattr(of.image.ino, caller, size=done)
+        await svc.fsync(of)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await svc.release(of)
+            if push:  # a failed push leaves nothing half-made
+                try:
+                    await svc.delete(address, caller)
+                except err.Tm2Error as e:
+                    log.error("could not remove half-pushed %s: %s", address, e.message)
+        raise
+    await svc.release(of)
+    return Response.json(svc.image_info(address, caller), 201 if push else 200)
+
+
+async def _write_chunk(svc: Service, of: Any, offset: int, data: bytes) -> int:
+    """Writes at offset; all-zero chunks are skipped so thin images stay thin."""
+    if data and data.count(0) != len(data):
+        await svc.write(of, offset, data)
+    return offset + len(data)
+
+
+@route("GET", "/v1/images/localpath", "Where the image's bytes are on this host, if anywhere",
+       query=("address",))
+async def local_path(svc: Service, req: Request) -> Any:
+    return {"path": svc.local_path(_arg(req.query, "address"), caller_of(req))}
+
+
+@route("GET", "/v1/health", "The daemon: host, version, mountpoint")
+async def health(svc: Service, req: Request) -> Any:
+    return {"host": svc.host, "version": __version__, "mountpoint": svc.mountpoint}
+
+
+@route("GET", "/openapi.json", "This description")
+async def openapi(svc: Service, req: Request) -> Any:
+    return openapi_document()
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": r.func.__name__,
+                              "responses": {"200": {"description": "success"},
+                                            "4XX": {"description": "bad request: "
+                                                    "{error, message, hint}"}}}
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for n in re.findall(r"\{(\w+)\}", r.pattern)]
+        params += [{"name": n, "in": "query", "schema": {"type": "string"}} for n in r.query]
+        if params:
+            op["parameters"] = params
+        if r.body:
+            op["requestBody"] = {"content": {"application/json": {"schema": {
+                "type": "object", "properties": {n: {} for n in r.body}}}}}
+        paths.setdefault(r.pattern, {})[r.method.lower()] = op
+    return {"openapi": "3.1.0",
+            "info": {"title": "tm2fs control API", "version": __version__},
+            "paths": paths}
+
+
+async def _object(req: Request) -> dict[str, Any]:
+    try:
+        data = await req.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise err.InvalidArgument(f"request body is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise err.InvalidArgument("request body must be a JSON object")
+    return data
+
+
+def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
+    compiled = [(r, r.regex) for r in ROUTES]
+
+    async def handle(req: Request) -> Response:
+        allowed = []
+        for r, regex in compiled:
+            m = regex.match(req.path)
+            if m is None:
+                continue
+            if r.method != req.method:
+                allowed.append(r.method)
+                continue
+            try:
+                result = await r.func(svc, req, **m.groupdict())
+            except err.Tm2Error as e:
+                if e.status >= 500:
+                    log.error("%s %s: %s", req.method, req.path, e.message)
+                return Response.json(e.to_dict(), e.status)
+            return result if isinstance(result, Response) else Response.json(result)
+        if allowed:
+            return Response.json({"error": "invalid_argument",
+                                  "message": f"{req.method} not allowed on {req.path}"}, 405)
+        return Response.json({"error": "not_found", "message": f"no route {req.path}",
+                              "hint": "GET /openapi.json lists the routes"}, 404)
+
+    return handle
+
+
+async def serve(svc: Service, socket_path: str, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The daemon's entry point: serve until cancelled."""
+    await serve_unix(socket_path, make_handler(svc), task_status=task_status)

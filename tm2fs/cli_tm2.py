@@ -1,0 +1,278 @@
+"""`tm2 ACTION ARGS`: the eleven TM2 actions, in the seed's `COMMAND ARG1 ARG2` form.
+
+Because the form is exactly the seed's, `tm2` can itself be a transfer-manager driver program.
+Bytes stream through the control socket; `get` writes the file as the calling user (never the
+daemon), atomically and sparse. Failures print one line `tm2: ERROR: ...` and exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from .client import Client
+from .errors import Tm2Error
+from .names import parse_address
+from .output import print_table, to_json
+from .sizes import parse_size
+
+PROGRESS_MIN = 64 * 2**20  # smaller copies finish before a bar is worth drawing
+CHUNK = 4 * 2**20
+
+
+class Tm2Group(click.Group):
+    """Turns service errors into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Tm2Error as e:
+            click.echo(f"{self.name}: ERROR: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"  hint: {e.hint}", err=True)
+            ctx.exit(1)
+        except OSError as e:
+            click.echo(f"{self.name}: ERROR: {e.strerror or e}"
+                       + (f": {e.filename}" if e.filename else ""), err=True)
+            ctx.exit(1)
+
+
+@click.group("tm2", cls=Tm2Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", envvar="TM2FS_SOCKET", help="control socket of the tm2fs daemon "
+              "(default: $TM2FS_SOCKET or /run/tm2fs/tm2fs.sock)")
+@click.pass_context
+def main(ctx: click.Context, socket: str | None) -> None:
+    """TM2 actions on images of the tm2fs pool.
+
+    Images are addressed as BACKEND:IMAGE, BACKEND being a backend's name or ID and IMAGE a path
+    inside it, e.g. local:ubuntu.img or 3:vm-42/disk.0. Sizes take binary units: 512M, 10G, 1T.
+
+    \b
+    Examples:
+      tm2 allocate local:vm-42/disk.0 10G
+      tm2 push ./ubuntu.img repo:ubuntu.img
+      tm2 clone repo:ubuntu.img ssd1:vm-42/disk.1
+      tm2 attach ssd1:vm-42/disk.1 /var/lib/one/datastores/0/42/disk.1
+    """
+    ctx.obj = Client(socket)
+    ctx.call_on_close(ctx.obj.close)
+
+
+def _client() -> Client:
+    return click.get_current_context().obj
+
+
+def _check_address(address: str) -> str:
+    parse_address(address)  # early, clear errors before any request
+    return address
+
+
+def _progress(total: int, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A rich progress bar on stderr when it is a terminal and the copy is long."""
+    if total < PROGRESS_MIN or not sys.stderr.isatty():
+        return (lambda n: None), (lambda: None)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                   transient=True)
+    task = bar.add_task(label, total=total)
+    bar.start()
+    return (lambda n: bar.update(task, advance=n)), bar.stop
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("path", type=click.Path(dir_okay=False))
+def get(image: str, path: str) -> None:
+    """Copy IMAGE to the local file PATH (sparse, atomic: a temp file renamed into place)."""
+    size, chunks = _client().download(image)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tm2-", dir=directory)
+    advance, done = _progress(size, f"get {image}")
+    try:
+        offset = 0
+        for chunk in chunks:
+            if chunk.count(0) == len(chunk):
+                os.lseek(fd, len(chunk), os.SEEK_CUR)  # leave a hole
+            else:
+                os.write(fd, chunk)
+            offset += len(chunk)
+            advance(len(chunk))
+        if offset != size:
+            raise Tm2Error(f"{image}: got {offset} of {size} bytes")
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.rename(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+        raise
+    finally:
+        done()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _file_chunks(f: Any, advance: Callable[[int], None]) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK):
+        advance(len(chunk))
+        yield chunk
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+def push(path: str, image: str) -> None:
+    """Copy the local file PATH into a new IMAGE (refuses to overwrite one)."""
+    size = os.path.getsize(path)
+    advance, done = _progress(size, f"push {image}")
+    try:
+        with open(path, "rb") as f:
+            _client().upload(image, _file_chunks(f, advance), "push")
+    finally:
+        done()
+
+
+@main.command()
+@click.argument("src", callback=lambda c, p, v: _check_address(v))
+@click.argument("dst")
+def clone(src: str, dst: str) -> None:
+    """Clone SRC to DST (BACKEND:IMAGE, or a bare IMAGE in SRC's backend).
+
+    Inside one backend the driver clones: a reflink or copy-on-write where the storage can, a
+    sparse copy otherwise. Across backends the bytes are copied.
+    """
+    if ":" not in dst:
+        dst = f"{src.partition(':')[0]}:{dst}"
+    _client().call("POST", "/v1/images/clone", {"src": src, "dst": _check_address(dst)})
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+def delete(image: str) -> None:
+    """Delete IMAGE (refused while it is attached)."""
+    _client().call("POST", "/v1/images/delete", {"address": image})
+
+
+@main.command("get-size")
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+def get_size(image: str) -> None:
+    """Print IMAGE's size in bytes."""
+    click.echo(_client().call("GET", "/v1/images/size", params={"address": image})["size"])
+
+
+# "-1" must reach parse_size (and get its clear error), not be taken for an option
+SIZE_ARGS = {"ignore_unknown_options": True}
+
+
+@main.command(context_settings=SIZE_ARGS)
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("size", callback=lambda c, p, v: parse_size(v))
+def allocate(image: str, size: int) -> None:
+    """Create IMAGE of SIZE bytes (sparse: it takes space as it is written)."""
+    _client().call("POST", "/v1/images/allocate", {"address": image, "size": size})
+
+
+@main.command(context_settings=SIZE_ARGS)
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("size", callback=lambda c, p, v: parse_size(v))
+@click.option("--shrink", is_flag=True, help="allow making the image smaller (loses data)")
+def resize(image: str, size: int, shrink: bool) -> None:
+    """Grow IMAGE to SIZE (shrinking needs --shrink)."""
+    _client().call("POST", "/v1/images/resize", {"address": image, "size": size,
+                                                  "shrink": shrink})
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+def read(image: str) -> None:
+    """Write IMAGE's bytes to standard output."""
+    _, chunks = _client().download(image)
+    out = sys.stdout.buffer
+    for chunk in chunks:
+        out.write(chunk)
+    out.flush()
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+def write(image: str) -> None:
+    """Replace IMAGE's bytes with standard input (creating IMAGE if missing)."""
+    _client().upload(image, _file_chunks(sys.stdin.buffer, lambda n: None), "write")
+
+
+def _on_mount(client: Client, path: str) -> tuple[str | None, bool]:
+    mountpoint = client.call("GET", "/v1/health")["mountpoint"]
+    inside = bool(mountpoint) and os.path.abspath(path).startswith(mountpoint.rstrip("/") + "/")
+    return mountpoint, inside
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("path")
+def attach(image: str, path: str) -> None:
+    """Link PATH to IMAGE on the mount and record the attachment (counted in NBVM)."""
+    client = _client()
+    path = os.path.abspath(path)
+    mountpoint, inside = _on_mount(client, path)
+    if not mountpoint:
+        raise Tm2Error("the daemon has no mount to link to")
+    target = f"{mountpoint}/{client.call('GET', '/v1/images/info', params={'address': image})['PATH']}"
+    os.symlink(target, path)  # on the mount, this alone records the attachment
+    if inside:
+        return
+    try:
+        client.call("POST", "/v1/images/attach", {"address": image, "path": path})
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("path")
+def detach(image: str, path: str) -> None:
+    """Remove the link at PATH and forget the attachment."""
+    client = _client()
+    path = os.path.abspath(path)
+    _, inside = _on_mount(client, path)
+    if not inside:
+        client.call("POST", "/v1/images/detach", {"address": image, "path": path})
+    if os.path.islink(path):
+        os.unlink(path)
+    elif inside:
+        raise Tm2Error(f"{path} is not a link")
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def info(image: str, as_json: bool) -> None:
+    """Show IMAGE's attributes and attachments."""
+    data = _client().call("GET", "/v1/images/info", params={"address": image})
+    if as_json:
+        click.echo(to_json(data))
+        return
+    print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data.items() if k != "ATTACHMENTS"],
+                ["ATTRIBUTE", "VALUE"], header=False)
+    if data["ATTACHMENTS"]:
+        print_table(data["ATTACHMENTS"], ["ID", "HOST", "PATH", "ON_MOUNT"])
+
+
+if __name__ == "__main__":
+    main()
