@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up, then lint and run the whole test suite. Arguments go to pytest:
+#   ./test.sh -m "not slow"     the quick subset (no PostgreSQL, no long runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/setup.sh
+.venv/bin/ruff check tm2fs tests benchmarks
+# pytest's exit 5 (no tests collected) is a failure too: set -e keeps any non-zero status.
+exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,1 @@
+"""Real servers the tests start and stop themselves, on loopback."""
