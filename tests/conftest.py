@@ -35,6 +35,15 @@ def _no_unexpected_warnings(request: pytest.FixtureRequest,
         pytest.fail(f"unexpected log records (mark the test logs_ok if expected):\n{lines}")
 
 
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[object]:
+    """The real tm2fs daemon on a temp state dir, mounted; always unmounted in teardown."""
+    from tests.daemon import Daemon
+
+    with Daemon(tmp_path) as d:
+        yield d
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[object]:
     """One throwaway PostgreSQL for the session, started only if a test asks for it."""

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,6 @@ from tests.daemon import Daemon, is_mounted
 
 pytestmark = pytest.mark.mount
 MiB = 2**20
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    with Daemon(tmp_path) as d:
-        yield d
 
 
 def run(*cmd: str | Path, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -687,9 +687,7 @@ class Service:
             self._sticky(caller, p, n)
             im = None
             if n.image_id is not None:
-                if tx.attachments(image_id=n.image_id):
-                    raise err.Busy(f"{name} is attached",
-                                   "detach it first (`tm2 detach` or remove its link)")
+                self._check_detached(tx, n, name, caller)
                 im = tx.image(n.image_id)
                 oi = self._open.get(n.image_id)
                 if oi is not None:
@@ -706,6 +704,17 @@ class Service:
         if im is not None:
             await self._delete_data(b, im.key)
         self._changed(n.ino, parent, name, caller)
+
+    def _check_detached(self, tx: Tx, n: Node, name: str, caller: Caller) -> None:
+        """An attached image is not deleted. On the mount POSIX wins for links on the mount
+        itself (`rm -rf` of a VM folder holding disk and link must work: the links dangle and
+        their attachments end); an attachment recorded for a path elsewhere still refuses."""
+        attached = tx.attachments(image_id=n.image_id)
+        if caller.origin == "fs":
+            attached = [a for a in attached if a.link_ino is None]
+        if attached:
+            raise err.Busy(f"{name} is attached at {attached[0].path} on {attached[0].host}",
+                           "detach it first (`tm2 detach` or remove its link)")
 
     async def _delete_data(self, b: Backend, key: str) -> None:
         """After the rows are gone: a failure here leaves a key that reconcile() sweeps."""
@@ -763,8 +772,7 @@ class Service:
                 if old.is_dir and tx.has_children(old.ino):
                     raise err.NotEmpty(f"{new_name} is not empty")
                 if old.image_id is not None:
-                    if tx.attachments(image_id=old.image_id):
-                        raise err.Busy(f"{new_name} is attached")
+                    self._check_detached(tx, old, new_name, caller)
                     oi = self._open.get(old.image_id)
                     if oi is not None:
                         oi.unlinked = True

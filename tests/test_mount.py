@@ -1,0 +1,280 @@
+"""Path-based scripts on the real mount: old transfer-manager habits, other users, integrity.
+
+The data-integrity checks drive one image through the mount with a hypothesis state machine
+(writes, reads, truncates, fsyncs, reopen) against a bytearray model, then with fio's own
+verification, and check that fsync'd data survives `kill -9` of the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from tests.daemon import Daemon
+from tm2fs.service import Service
+from tm2fs.store import PoolStore
+
+pytestmark = pytest.mark.mount
+MiB = 2**20
+
+LEGACY_SCRIPT = r"""
+set -eu
+DS=$1; SRC=$2; VM=$DS/42
+mkdir -p "$VM"
+chmod a+w "$VM"
+cp -r "$SRC" "$VM/images"
+ln -s images/base.img "$VM/disk.0"
+dd if=/dev/zero of="$VM/disk.1" bs=1 count=1 seek=64M 2>/dev/null
+mkfs.ext4 -q -F "$VM/disk.1"
+dd if=/dev/zero of="$VM/disk.2" bs=1 count=1 seek=32M 2>/dev/null
+mkswap "$VM/disk.2" >/dev/null
+mv "$VM/images/base.img" "$VM/base-moved.img"
+rm -f "$VM/disk.0"
+ln -s base-moved.img "$VM/disk.0"
+du -sm "$VM" >/dev/null
+readlink "$VM/disk.0"
+"""
+
+
+def test_legacy_transfer_manager_script(daemon: Daemon, tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    src.mkdir()
+    base = os.urandom(2 * MiB)
+    (src / "base.img").write_bytes(base)
+    (src / "context.iso").write_bytes(b"ctx" * 1000)
+    ds = daemon.mnt / "local"
+    out = subprocess.run(["bash", "-c", LEGACY_SCRIPT, "legacy", str(ds), str(src)],
+                         capture_output=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "base-moved.img"
+    vm = ds / "42"
+    assert vm.stat().st_mode & 0o777 == 0o777
+    assert (vm / "disk.0").read_bytes() == base
+    assert (vm / "images" / "context.iso").read_bytes() == b"ctx" * 1000
+    assert (vm / "disk.1").stat().st_size == 64 * MiB + 1
+    fsck = subprocess.run(["e2fsck", "-n", "-f", str(vm / "disk.1")], capture_output=True,
+                          check=False)
+    assert fsck.returncode == 0, fsck.stdout.decode()
+    blkid = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", str(vm / "disk.2")],
+                           capture_output=True, check=False)
+    assert blkid.stdout.decode().strip() == "swap"
+    backends = daemon.backends()
+    assert (backends["local"]["NBIMAGE"], backends["local"]["NBVM"]) == (4, 1)
+    subprocess.run(["rm", "-rf", str(vm)], check=True)  # the epilog
+    backends = daemon.backends()
+    assert (backends["local"]["NBIMAGE"], backends["local"]["NBVM"]) == (0, 0)
+    assert os.listdir(daemon.state / "backends" / "local") == []
+
+
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                          capture_output=True, timeout=30, check=False)
+
+
+@pytest.fixture
+def public_daemon():
+    """A daemon whose mountpoint other users can reach (pytest's tmp dirs are root-only)."""
+    top = Path(tempfile.mkdtemp(prefix="tm2fs-public-", dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        with Daemon(top) as d:
+            yield d
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_other_users_follow_the_modes(public_daemon: Daemon) -> None:
+    daemon = public_daemon
+    local = daemon.mnt / "local"  # the default backend is 0777, like a shared datastore
+    (local / "roots").write_bytes(b"root's")
+    os.chmod(local / "roots", 0o644)
+    made = as_nobody("dd", "if=/dev/zero", f"of={local}/mine", "bs=4096", "count=4")
+    assert made.returncode == 0, made.stderr.decode()
+    st = (local / "mine").stat()
+    assert (st.st_uid, st.st_gid, st.st_size) == (65534, 65534, 16384)
+    assert as_nobody("cat", str(local / "roots")).stdout == b"root's"
+    refused = as_nobody("chmod", "666", str(local / "roots"))
+    assert refused.returncode != 0 and b"not permitted" in refused.stderr.lower()
+    refused = as_nobody("truncate", "-s", "0", str(local / "roots"))
+    assert refused.returncode != 0 and b"permission denied" in refused.stderr.lower()
+    assert (local / "roots").read_bytes() == b"root's"
+    created = json.loads(daemon.tm2("info", "local:mine", "--json", user=65534).stdout)
+    assert created["PATH"] == "local/mine"
+
+
+def test_disabled_backend_is_read_only_on_the_mount(daemon: Daemon) -> None:
+    (daemon.mnt / "local" / "img").write_bytes(b"data")
+    assert daemon.backend_cli("disable", "local").returncode == 0
+    assert (daemon.mnt / "local" / "img").read_bytes() == b"data"
+    with pytest.raises(OSError) as e:
+        (daemon.mnt / "local" / "img").write_bytes(b"new")
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        (daemon.mnt / "local" / "other").mkdir()
+    assert e.value.errno == errno.EROFS
+    assert daemon.backend_cli("enable", "local").returncode == 0
+    (daemon.mnt / "local" / "img").write_bytes(b"new")
+
+
+def test_error_backend_answers_eio_and_the_rest_works(daemon: Daemon, tmp_path: Path) -> None:
+    assert daemon.backend_cli("create", "--name", "other", "--tm", "dir", "--tm-raw",
+                              f"PATH={tmp_path}/other", "--timeout", "2").returncode == 0
+    (daemon.mnt / "local" / "img").write_bytes(b"data")
+    backing = daemon.state / "backends" / "local"
+    backing.rename(backing.with_name("away"))
+    deadline = 10
+    end = time.monotonic() + deadline
+    while daemon.backends()["local"]["STATE"] != "ERROR":
+        assert time.monotonic() < end, "backend did not go to ERROR"
+        time.sleep(0.2)
+    with pytest.raises(OSError) as e:
+        (daemon.mnt / "local" / "img").read_bytes()
+    assert e.value.errno == errno.EIO
+    (daemon.mnt / "other" / "fine").write_bytes(b"ok")  # the rest of the tree works
+    assert (daemon.mnt / "other" / "fine").read_bytes() == b"ok"
+    backing.with_name("away").rename(backing)
+    end = time.monotonic() + deadline
+    while daemon.backends()["local"]["STATE"] != "READY":
+        assert time.monotonic() < end, "backend did not come back"
+        time.sleep(0.2)
+    assert (daemon.mnt / "local" / "img").read_bytes() == b"data"
+
+
+# ---------------------------------------------------------------------- integrity
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory):
+    with Daemon(tmp_path_factory.mktemp("integrity")) as d:
+        yield d
+
+
+SIZE = 4 * MiB
+
+
+class ImageModel(RuleBasedStateMachine):
+    """Random I/O on one image through the mount must match a bytearray, step by step."""
+
+    mnt: Path
+
+    @initialize()
+    def open_image(self) -> None:
+        self.path = self.mnt / "local" / f"model-{os.getpid()}-{id(self)}"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.model = bytearray()
+
+    @rule(offset=st.integers(0, SIZE), data=st.binary(min_size=1, max_size=300_000))
+    def write(self, offset: int, data: bytes) -> None:
+        assert os.pwrite(self.fd, data, offset) == len(data)
+        if offset > len(self.model):
+            self.model.extend(bytes(offset - len(self.model)))
+        self.model[offset:offset + len(data)] = data
+
+    @rule(offset=st.integers(0, SIZE), size=st.integers(1, 400_000))
+    def read(self, offset: int, size: int) -> None:
+        assert os.pread(self.fd, size, offset) == bytes(self.model[offset:offset + size])
+
+    @rule(size=st.integers(0, SIZE))
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        if size < len(self.model):
+            del self.model[size:]
+        else:
+            self.model.extend(bytes(size - len(self.model)))
+
+    @rule()
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    @precondition(lambda self: hasattr(self, "fd"))
+    @rule()
+    def reopen(self) -> None:
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    @invariant()
+    def size_matches(self) -> None:
+        if hasattr(self, "fd"):
+            assert os.fstat(self.fd).st_size == len(self.model)
+
+    def teardown(self) -> None:
+        if hasattr(self, "fd"):
+            os.fsync(self.fd)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            assert os.read(self.fd, len(self.model) + 1) == bytes(self.model)
+            os.close(self.fd)
+            os.unlink(self.path)
+
+
+@pytest.mark.slow
+def test_random_io_matches_a_model(shared_daemon: Daemon) -> None:
+    ImageModel.mnt = shared_daemon.mnt
+    run_state_machine_as_test(ImageModel, settings=settings(
+        max_examples=25, stateful_step_count=40, deadline=None, derandomize=True,
+        suppress_health_check=list(HealthCheck)))
+
+
+@pytest.mark.slow
+def test_fio_verify_through_the_mount(shared_daemon: Daemon) -> None:
+    target = shared_daemon.mnt / "local" / "fio.img"
+    out = subprocess.run(
+        ["fio", "--name=verify", f"--filename={target}", "--size=64M", "--rw=randwrite",
+         "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--verify=crc32c", "--do_verify=1",
+         "--verify_fatal=1", "--randrepeat=1", "--output-format=json"],
+        capture_output=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr.decode()
+    job = json.loads(out.stdout)["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == 64 * MiB
+    target.unlink()
+
+
+def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
+    d = Daemon(tmp_path).start()
+    try:
+        synced = os.urandom(3 * MiB + 123)
+        fd = os.open(d.mnt / "local" / "img", os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(fd, synced, 0)
+        os.fsync(fd)
+        os.pwrite(fd, b"unsynced tail", len(synced))  # written, not fsynced, file left open
+        d.kill9()
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the daemon is gone: ENOTCONN, but the descriptor is freed
+        d.start()
+        data = (d.mnt / "local" / "img").read_bytes()
+        assert data[:len(synced)] == synced
+        info = json.loads(d.tm2("info", "local:img", "--json").stdout)
+        backing = d.state / "backends" / "local" / info["KEY"]
+        assert info["SIZE"] == backing.stat().st_size == len(data)
+    finally:
+        d.stop()
+    # the pool store is consistent: a fresh reconcile finds nothing left to fix
+    import trio
+
+    async def check() -> dict[str, int]:
+        store = PoolStore(f"sqlite:///{d.state}/pool.db")
+        try:
+            return await Service(store, d.state, host="hv1").reconcile()
+        finally:
+            store.close()
+
+    assert trio.run(check) == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0}
