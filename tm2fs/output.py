@@ -38,6 +38,7 @@ def cell(key: str, value: Any) -> str:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], header: bool = True) -> Table:
     t = Table(box=box.SIMPLE_HEAD if header else None, show_header=header, pad_edge=False,
+              show_edge=False,
               header_style="bold")
     for c in columns:
         t.add_column(c, justify="right" if c in SIZE_COLUMNS or c.startswith("NB")
