@@ -10,7 +10,16 @@ Kernel caching: entries and attributes are cached for `CACHE_TIMEOUT` seconds. C
 this mount are known to the kernel; changes made through the control API (`tm2 resize`, a new
 backend) reach the kernel through `service.listeners`, which invalidate the entries concerned.
 Invalidation runs in a worker thread: the kernel may need a lock held by a request that is itself
-waiting for the trio loop, so calling it on the loop could deadlock.
+waiting for the trio loop, so calling it on the loop could deadlock. Those threads have their own
+small limiter, so invalidations stuck behind a busy inode never starve the drivers' worker threads.
+
+Data caching: no writeback cache (`fsync` must reach the backend, and the kernel would otherwise
+hold dirty pages the daemon never saw), and `keep_cache=False`: each open starts with a clean page
+cache, so data written through the API (`tm2 write`, which does not pass through the kernel) shows
+on the next open. A program that keeps a file open (qemu) still gets the page cache.
+
+statfs: pyfuse3 does not pass the inode to `statfs`, so `df` anywhere on the mount shows the whole
+pool (the sum over backends with a known size); per-backend figures are `onestoragebackend list`'s.
 """
 
 from __future__ import annotations
@@ -103,6 +112,8 @@ class Operations(pyfuse3.Operations):
         self.service = service
         self._files: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
+        # invalidations may block in the kernel: at most a few threads, never the drivers' pool
+        self._invalidations = trio.CapacityLimiter(4)
         service.listeners.append(self._invalidate)
 
     # ------------------------------------------------------------------ cache invalidation
@@ -124,7 +135,7 @@ class Operations(pyfuse3.Operations):
                 with suppress(OSError):
                     pyfuse3.invalidate_inode(ino, attr_only=False)
 
-        await trio.to_thread.run_sync(work)
+        await trio.to_thread.run_sync(work, limiter=self._invalidations)
 
     # ------------------------------------------------------------------ metadata
 
@@ -245,7 +256,7 @@ class Operations(pyfuse3.Operations):
             attr = await self.service.create(parent_inode, _name(name), mode, caller)
             of = await self.service.open(attr.ino, caller, writable=True,
                                          append=bool(flags & os.O_APPEND))
-        return pyfuse3.FileInfo(fh=self._add(of)), _entry(attr)
+        return pyfuse3.FileInfo(fh=self._add(of), keep_cache=False), _entry(attr)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
@@ -253,9 +264,8 @@ class Operations(pyfuse3.Operations):
             of = await self.service.open(inode, _caller(ctx), writable=writable,
                                          truncate=bool(flags & os.O_TRUNC),
                                          append=bool(flags & os.O_APPEND))
-        # keep_cache: the page cache stays valid across opens; the data changes only through
-        # this mount (the API's writes invalidate the inode)
-        return pyfuse3.FileInfo(fh=self._add(of), keep_cache=True)
+        # a fresh page cache per open: API writes do not pass through the kernel (module docstring)
+        return pyfuse3.FileInfo(fh=self._add(of), keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _errors():
