@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ from hypothesis.stateful import (
 )
 
 from tests.daemon import Daemon
-from tm2fs.service import Service
+from tests.mounting import MountedTree, start_mount
+from tm2fs.service import ROOT, Service
 from tm2fs.store import PoolStore
 
 pytestmark = pytest.mark.mount
@@ -278,3 +280,126 @@ def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
             store.close()
 
     assert trio.run(check) == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0}
+
+
+# ---------------------------------------------------------------------- everyday commands
+# These run on the bare mount server of tests/mounting.py (store + service + tm2fs.fs only), so a
+# failure here points at the filesystem layer rather than the daemon around it.
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[MountedTree]:
+    with start_mount(tmp_path) as t:
+        yield t
+
+
+def sh(*cmd: str | Path) -> str:
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, timeout=60, check=False)
+    assert out.returncode == 0, f"{cmd}: {out.stderr.decode()}"
+    return out.stdout.decode()
+
+
+def pool(tree: MountedTree) -> tuple[Service, PoolStore]:
+    """A second view of the same pool store, as another host would have."""
+    store = PoolStore(tree.db_url)
+    return Service(store, tree.state_dir, host="testhost", mountpoint=str(tree.mnt)), store
+
+
+def stored(tree: MountedTree, address: str) -> dict:
+    service, store = pool(tree)
+    try:
+        return service.image_info(address, ROOT)
+    finally:
+        store.close()
+
+
+def counts(tree: MountedTree) -> dict[str, tuple[int, int]]:
+    service, store = pool(tree)
+    try:
+        return {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in service.list_backends()}
+    finally:
+        store.close()
+
+
+def test_cp_stat_truncate_rm(tree: MountedTree, tmp_path: Path) -> None:
+    local = tree.mnt / "local"
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(5 * MiB + 77))
+    sh("cp", src, local / "a.img")
+    sh("cmp", src, local / "a.img")
+    assert sh("stat", "-c", "%s", local / "a.img").strip() == str(5 * MiB + 77)
+    info = stored(tree, "local:a.img")
+    assert info["SIZE"] == 5 * MiB + 77
+    assert (tree.state_dir / "backends" / "local" / info["KEY"]).read_bytes() == src.read_bytes()
+    # truncate: a new image (allocate) and an existing one (grow, then shrink)
+    sh("truncate", "-s", "10M", local / "new.img")
+    assert sh("stat", "-c", "%s", local / "new.img").strip() == str(10 * MiB)
+    assert stored(tree, "local:new.img")["SIZE"] == 10 * MiB
+    sh("truncate", "-s", "10M", local / "a.img")
+    grown = (local / "a.img").read_bytes()
+    assert grown[:5 * MiB + 77] == src.read_bytes() and grown[5 * MiB + 77:] == bytes(
+        10 * MiB - 5 * MiB - 77)
+    assert stored(tree, "local:a.img")["SIZE"] == 10 * MiB
+    sh("truncate", "-s", "1000", local / "a.img")
+    assert (local / "a.img").read_bytes() == src.read_bytes()[:1000]
+    # ls -l, du (blocks follow the size), df
+    listing = sh("ls", "-l", local).splitlines()
+    assert listing[0] == "total 10241"  # 1000 + 10 MiB in 1 KiB blocks, rounded up
+    rows = sorted(line.split()[4:] for line in listing[1:])
+    assert rows == [["1000", *rows[0][1:4], "a.img"], [str(10 * MiB), *rows[1][1:4], "new.img"]]
+    assert sh("du", "-k", local / "new.img").split()[0] == "10240"
+    df = sh("df", "-k", "--output=source,size,avail", local).splitlines()[1].split()
+    assert df[0] == "tm2fs" and int(df[1]) > 0 and int(df[2]) > 0
+    # rm removes the image and its data
+    sh("rm", local / "a.img", local / "new.img")
+    assert os.listdir(local) == []
+    assert os.listdir(tree.state_dir / "backends" / "local") == []
+    assert counts(tree) == {"local": (0, 0)}
+
+
+async def test_mv_inside_and_across_backends(tree: MountedTree, tmp_path: Path) -> None:
+    service, store = pool(tree)
+    try:
+        await service.create_backend(ROOT, {"NAME": "b2", "TM": "dir",
+                                            "TM_RAW": f"PATH={tmp_path}/b2"})
+    finally:
+        store.close()
+    local = tree.mnt / "local"
+    data = os.urandom(3 * MiB + 5)
+    (local / "a.img").write_bytes(data)
+    key = stored(tree, "local:a.img")["KEY"]
+    # inside a backend: a metadata update, the data stays under its key
+    sh("mkdir", local / "vm-1")
+    sh("mv", local / "a.img", local / "vm-1" / "disk.0")
+    info = stored(tree, "local:vm-1/disk.0")
+    assert (info["KEY"], info["SIZE"]) == (key, len(data))
+    assert os.listdir(tree.state_dir / "backends" / "local") == [key]
+    # across backends: rename answers EXDEV, so mv copies and deletes by itself
+    with pytest.raises(OSError) as e:
+        os.rename(local / "vm-1" / "disk.0", tree.mnt / "b2" / "disk.0")
+    assert e.value.errno == errno.EXDEV
+    sh("mv", local / "vm-1" / "disk.0", tree.mnt / "b2" / "disk.0")
+    assert (tree.mnt / "b2" / "disk.0").read_bytes() == data
+    moved = stored(tree, "b2:disk.0")
+    assert moved["SIZE"] == len(data) and moved["KEY"] != key
+    assert (tmp_path / "b2" / moved["KEY"]).read_bytes() == data
+    assert os.listdir(tree.state_dir / "backends" / "local") == []
+    assert counts(tree) == {"local": (0, 0), "b2": (1, 0)}
+
+
+def test_symlink_attaches_and_rm_detaches(tree: MountedTree) -> None:
+    local = tree.mnt / "local"
+    sh("truncate", "-s", "1M", local / "disk.img")
+    sh("mkdir", local / "vm-7")
+    sh("ln", "-s", local / "disk.img", local / "vm-7" / "disk.0")  # absolute, into the mount
+    assert counts(tree) == {"local": (1, 1)}
+    assert [a["PATH"] for a in stored(tree, "local:disk.img")["ATTACHMENTS"]] == [
+        f"{tree.mnt}/local/vm-7/disk.0"]
+    assert sh("stat", "-L", "-c", "%s", local / "vm-7" / "disk.0").strip() == str(MiB)
+    sh("ln", "-s", "../disk.img", local / "vm-7" / "disk.1")  # relative
+    assert counts(tree) == {"local": (1, 2)}
+    sh("rm", local / "vm-7" / "disk.0")
+    assert counts(tree) == {"local": (1, 1)}
+    sh("rm", "-rf", local / "vm-7")
+    assert counts(tree) == {"local": (1, 0)}
+    assert stored(tree, "local:disk.img")["ATTACHMENTS"] == []
