@@ -18,6 +18,7 @@ from typing import Any
 
 import pyfuse3
 import pytest
+import trio
 
 from tm2fs import fs
 from tm2fs.service import ROOT, Service
@@ -458,6 +459,50 @@ async def test_error_backend_answers_eio_and_the_rest_works(ops: fs.Operations, 
     fi = await ops.open(ino, RDWR, CTX)
     assert await ops.write(fi.fh, 4, b"!") == 1
     await ops.release(fi.fh)
+
+
+# ---------------------------------------------------------------------- kernel cache invalidation
+
+
+async def test_changes_not_made_through_the_mount_invalidate_kernel_caches(
+        ops: fs.Operations, svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    token = trio.lowlevel.current_trio_token()
+
+    def inval_inode(ino: int, attr_only: bool = False) -> None:
+        assert trio.lowlevel.in_trio_run() is False  # a worker thread, never the trio loop
+        calls.append(("inode", ino))
+        raise FileNotFoundError(errno.ENOENT, "not cached")  # normal: the kernel knew nothing
+
+    def inval_entry(parent: int, name: bytes, deleted: int = 0) -> None:
+        calls.append(("entry", parent, name))
+
+    monkeypatch.setattr(fs.pyfuse3, "trio_token", token)  # as while pyfuse3.main() runs
+    monkeypatch.setattr(fs.pyfuse3, "invalidate_inode", inval_inode)
+    monkeypatch.setattr(fs.pyfuse3, "invalidate_entry", inval_entry)
+
+    async def settled(expected: int) -> list[tuple]:
+        with trio.move_on_after(2):  # the invalidations run in worker threads
+            while len(calls) < expected:
+                await trio.sleep(0.002)
+        await trio.sleep(0.05)  # and nothing more arrives
+        got = sorted(calls)
+        calls.clear()
+        return got
+
+    local = await local_ino(ops)
+    ino = await make_file(ops, local, b"img", b"data")
+    await ops.mkdir(local, b"d", 0o755, CTX)
+    assert await settled(0) == []  # the kernel made these changes itself: nothing to invalidate
+    await svc.resize("local:img", "1M", ROOT)  # as `tm2 resize` does through the API
+    assert await settled(1) == [("inode", ino)]
+    await svc.delete("local:img", ROOT)
+    assert await settled(2) == [("entry", local, b"img"), ("inode", ino)]
+    await svc.set_enabled(ROOT, "local", False)
+    assert await settled(2) == [("entry", pyfuse3.ROOT_INODE, b"local"), ("inode", local)]
+    monkeypatch.setattr(fs.pyfuse3, "trio_token", None)  # not mounted: nothing is attempted
+    await svc.set_enabled(ROOT, "local", True)
+    assert await settled(0) == []
 
 
 # ---------------------------------------------------------------------- error mapping
