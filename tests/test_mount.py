@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 
 from tests.daemon import Daemon
 from tests.mounting import MountedTree, start_mount
+from tm2fs.fs import CACHE_TIMEOUT
 from tm2fs.service import ROOT, Service
 from tm2fs.store import PoolStore
 
@@ -403,3 +404,26 @@ def test_symlink_attaches_and_rm_detaches(tree: MountedTree) -> None:
     sh("rm", "-rf", local / "vm-7")
     assert counts(tree) == {"local": (1, 0)}
     assert stored(tree, "local:disk.img")["ATTACHMENTS"] == []
+
+
+def test_api_changes_reach_the_kernel_before_its_cache_expires(daemon: Daemon) -> None:
+    """The kernel caches attributes for CACHE_TIMEOUT; `tm2 resize` goes through the API, not
+    the kernel, so only the fs layer's listener (invalidate_inode) can make it visible sooner."""
+    img = daemon.mnt / "local" / "img"
+    img.write_bytes(b"x" * 10)
+    size, checked = 10, 0
+    for new in (MiB, 2 * MiB, 3 * MiB):
+        t0 = time.monotonic()
+        assert img.stat().st_size == size  # now in the kernel's attribute cache
+        assert daemon.tm2("resize", "local:img", str(new)).returncode == 0
+        size = new
+        if time.monotonic() > t0 + 0.6 * CACHE_TIMEOUT:
+            continue  # the CLI was too slow for this round to show anything
+        seen = img.stat().st_size
+        while seen != new and time.monotonic() < t0 + 0.9 * CACHE_TIMEOUT:
+            time.sleep(0.01)  # the invalidation runs in a worker thread, racing the reply
+            seen = img.stat().st_size
+        assert seen == new, "the kernel still shows the size it cached before the resize"
+        checked += 1
+    if not checked:
+        pytest.skip("tm2 was slower than the kernel's cache timeout: nothing could be shown")
