@@ -127,6 +127,8 @@ class Operations(pyfuse3.Operations):
     async def _invalidate_in_thread(self, ino: int | None, parent: int | None,
                                     name: str | None) -> None:
         def work() -> None:
+            if pyfuse3.trio_token is None:
+                return  # pyfuse3.main() has returned: the session is about to be destroyed
             # ENOENT only means the kernel had nothing cached
             if parent is not None and name is not None:
                 with suppress(OSError):
