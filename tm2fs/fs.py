@@ -37,6 +37,7 @@ import pyfuse3
 import trio
 
 from .errors import Tm2Error
+from .names import NAME_MAX
 from .service import Attr, Caller, OpenFile, Service
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class Operations(pyfuse3.Operations):
                 return _entry(self.service.getattr(parent_inode))
             if name == b"..":
                 return _entry(self.service.getattr(self.service.parent_of(parent_inode)))
+            if len(name) > NAME_MAX:  # as ext4 answers, rather than ENOENT
+                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
             return _entry(self.service.lookup(parent_inode, _name(name)))
 
     async def getattr(self, inode: int,
@@ -304,5 +307,5 @@ def _statvfs(total: int | None, free: int | None) -> pyfuse3.StatvfsData:
     st.f_files = FILES
     st.f_ffree = FILES
     st.f_favail = FILES
-    st.f_namemax = 255
+    st.f_namemax = NAME_MAX
     return st
