@@ -30,13 +30,13 @@ def unmount(path: Path) -> None:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, db_url: str | None = None, host: str = "hv1",
+    def __init__(self, tmp: Path, db_url: str | None = None, host: str = "testhost",
                  extra: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.state = tmp / "state"
         self.mnt = tmp / "mnt"
         self.sock = tmp / "tm2fs.sock"
-        self.db_url = db_url
+        self.db_url = db_url or f"sqlite:///{self.state}/pool.db"
         self.host = host
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,9 +50,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "tm2fs.daemon", "--state-dir", str(self.state),
                "--socket", str(self.sock), "--host", self.host, "--monitor-interval", "2",
                *self.extra]
-        if self.db_url:
-            cmd += ["--db", self.db_url]
-        cmd.append(str(self.mnt))
+        cmd += ["--db", self.db_url, str(self.mnt)]
         log = open(self.log, "ab")  # noqa: SIM115 - the daemon owns it until it exits
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env or self.env)
         log.close()
@@ -87,10 +85,21 @@ class Daemon:
         unmount(self.mnt)
         return code
 
+    @property
+    def state_dir(self) -> Path:
+        return self.state
+
     def kill9(self) -> None:
+        """Crash the daemon. The mount stays, answering ENOTCONN, as after a real crash."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+    def restart(self) -> Daemon:
+        """Start again on the same state and database (the daemon clears a crashed mount)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        return self.start()
 
     def _run(self, module: str, args: tuple[str, ...], input: bytes | None,
              user: int | None, timeout: float) -> subprocess.CompletedProcess[bytes]:

@@ -1,9 +1,8 @@
 """Data integrity through the kernel: random I/O against a model, and fsync'd data across kill -9.
 
-Both run on the mount server of tests/mounting.py (store + service + tm2fs.fs, nothing else). The
-random I/O is a seeded loop, not hypothesis: the same seeds give the same 300 steps on every run,
-and a failure names the seed and step to replay. (tests/test_mount.py drives the real daemon with a
-hypothesis state machine and fio; the two complement each other.)
+Both run on the real daemon (tests/daemon.py). The random I/O is a seeded loop: the same seeds
+give the same 300 steps on every run, and a failure names the seed and step to replay.
+(tests/test_mount.py adds a hypothesis state machine and fio's own verification.)
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import MountedTree, is_mounted, start_mount
+from tests.daemon import Daemon, is_mounted
 from tm2fs.service import ROOT, Service
 from tm2fs.store import PoolStore
 
@@ -30,11 +29,11 @@ STEPS = 300
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory):
-    with start_mount(tmp_path_factory.mktemp("integrity")) as t:
+    with Daemon(tmp_path_factory.mktemp("integrity")) as t:
         yield t
 
 
-def image_info(tree: MountedTree, address: str) -> dict:
+def image_info(tree: Daemon, address: str) -> dict:
     """What the pool store says, read by a separate store on the same database."""
     store = PoolStore(tree.db_url)
     try:
@@ -43,12 +42,12 @@ def image_info(tree: MountedTree, address: str) -> dict:
         store.close()
 
 
-def backing_file(tree: MountedTree, info: dict) -> Path:
+def backing_file(tree: Daemon, info: dict) -> Path:
     return tree.state_dir / "backends" / "local" / info["KEY"]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_io_matches_a_model(tree: MountedTree, seed: int) -> None:
+def test_random_io_matches_a_model(tree: Daemon, seed: int) -> None:
     rng = random.Random(seed)
     path = tree.mnt / "local" / f"model-{seed}.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -102,7 +101,7 @@ def test_random_io_matches_a_model(tree: MountedTree, seed: int) -> None:
     assert not backing_file(tree, info).exists()
 
 
-def test_reads_and_writes_across_block_edges(tree: MountedTree) -> None:
+def test_reads_and_writes_across_block_edges(tree: Daemon) -> None:
     """Small, odd-sized I/O around page and 128 KiB boundaries, and reads that end past EOF."""
     path = tree.mnt / "local" / "edges.img"
     model = bytearray()
@@ -120,7 +119,7 @@ def test_reads_and_writes_across_block_edges(tree: MountedTree) -> None:
 
 @pytest.mark.slow
 async def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
-    tree = MountedTree(tmp_path).start()
+    tree = Daemon(tmp_path).start()
     try:
         synced = random.Random(7).randbytes(3 * MiB + 123)
         tail = b"written, never fsynced"

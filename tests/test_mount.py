@@ -7,7 +7,6 @@ verification, and check that fsync'd data survives `kill -9` of the daemon.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -15,7 +14,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,6 @@ from hypothesis.stateful import (
 )
 
 from tests.daemon import Daemon
-from tests.mounting import MountedTree, start_mount
 from tm2fs.fs import CACHE_TIMEOUT
 from tm2fs.service import ROOT, Service
 from tm2fs.store import PoolStore
@@ -251,47 +248,12 @@ def test_fio_verify_through_the_mount(shared_daemon: Daemon) -> None:
     target.unlink()
 
 
-def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
-    d = Daemon(tmp_path).start()
-    try:
-        synced = os.urandom(3 * MiB + 123)
-        fd = os.open(d.mnt / "local" / "img", os.O_RDWR | os.O_CREAT, 0o600)
-        os.pwrite(fd, synced, 0)
-        os.fsync(fd)
-        os.pwrite(fd, b"unsynced tail", len(synced))  # written, not fsynced, file left open
-        d.kill9()
-        with contextlib.suppress(OSError):
-            os.close(fd)  # the daemon is gone: ENOTCONN, but the descriptor is freed
-        d.start()
-        data = (d.mnt / "local" / "img").read_bytes()
-        assert data[:len(synced)] == synced
-        info = json.loads(d.tm2("info", "local:img", "--json").stdout)
-        backing = d.state / "backends" / "local" / info["KEY"]
-        assert info["SIZE"] == backing.stat().st_size == len(data)
-    finally:
-        d.stop()
-    # the pool store is consistent: a fresh reconcile finds nothing left to fix
-    import trio
-
-    async def check() -> dict[str, int]:
-        store = PoolStore(f"sqlite:///{d.state}/pool.db")
-        try:
-            return await Service(store, d.state, host="hv1").reconcile()
-        finally:
-            store.close()
-
-    assert trio.run(check) == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0}
-
-
 # ---------------------------------------------------------------------- everyday commands
-# These run on the bare mount server of tests/mounting.py (store + service + tm2fs.fs only), so a
-# failure here points at the filesystem layer rather than the daemon around it.
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Iterator[MountedTree]:
-    with start_mount(tmp_path) as t:
-        yield t
+def tree(daemon: Daemon) -> Daemon:
+    return daemon
 
 
 def sh(*cmd: str | Path) -> str:
@@ -300,13 +262,13 @@ def sh(*cmd: str | Path) -> str:
     return out.stdout.decode()
 
 
-def pool(tree: MountedTree) -> tuple[Service, PoolStore]:
+def pool(tree: Daemon) -> tuple[Service, PoolStore]:
     """A second view of the same pool store, as another host would have."""
     store = PoolStore(tree.db_url)
     return Service(store, tree.state_dir, host="testhost", mountpoint=str(tree.mnt)), store
 
 
-def stored(tree: MountedTree, address: str) -> dict:
+def stored(tree: Daemon, address: str) -> dict:
     service, store = pool(tree)
     try:
         return service.image_info(address, ROOT)
@@ -314,7 +276,7 @@ def stored(tree: MountedTree, address: str) -> dict:
         store.close()
 
 
-def counts(tree: MountedTree) -> dict[str, tuple[int, int]]:
+def counts(tree: Daemon) -> dict[str, tuple[int, int]]:
     service, store = pool(tree)
     try:
         return {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in service.list_backends()}
@@ -322,7 +284,7 @@ def counts(tree: MountedTree) -> dict[str, tuple[int, int]]:
         store.close()
 
 
-def test_cp_stat_truncate_rm(tree: MountedTree, tmp_path: Path) -> None:
+def test_cp_stat_truncate_rm(tree: Daemon, tmp_path: Path) -> None:
     local = tree.mnt / "local"
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(5 * MiB + 77))
@@ -358,7 +320,7 @@ def test_cp_stat_truncate_rm(tree: MountedTree, tmp_path: Path) -> None:
     assert counts(tree) == {"local": (0, 0)}
 
 
-async def test_mv_inside_and_across_backends(tree: MountedTree, tmp_path: Path) -> None:
+async def test_mv_inside_and_across_backends(tree: Daemon, tmp_path: Path) -> None:
     service, store = pool(tree)
     try:
         await service.create_backend(ROOT, {"NAME": "b2", "TM": "dir",
@@ -388,7 +350,7 @@ async def test_mv_inside_and_across_backends(tree: MountedTree, tmp_path: Path) 
     assert counts(tree) == {"local": (0, 0), "b2": (1, 0)}
 
 
-def test_symlink_attaches_and_rm_detaches(tree: MountedTree) -> None:
+def test_symlink_attaches_and_rm_detaches(tree: Daemon) -> None:
     local = tree.mnt / "local"
     sh("truncate", "-s", "1M", local / "disk.img")
     sh("mkdir", local / "vm-7")

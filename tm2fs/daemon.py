@@ -123,7 +123,7 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
     store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
     service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint))
     await service.monitor_all()
-    await service.reconcile()
+    log.info("reconcile at start: %s", await service.reconcile())
     if not args.no_default_backend:
         await service.ensure_default_backend()
 
