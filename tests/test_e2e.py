@@ -201,3 +201,18 @@ def test_same_bytes_through_the_mount_and_the_backing_file(daemon: Daemon) -> No
     key = json.loads(path)["KEY"]
     backing = daemon.state / "backends" / "local" / key
     assert hashlib.sha256(backing.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_api_writes_reach_a_file_open_on_the_mount(daemon: Daemon) -> None:
+    """`tm2 write` does not pass through the kernel: the daemon must drop the kernel's caches."""
+    img = daemon.mnt / "local" / "img"
+    img.write_bytes(b"old" * 1000)
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 3, 0) == b"old"
+        assert os.fstat(fd).st_size == 3000  # both now cached by the kernel
+        ok(daemon.tm2("write", "local:img", input=b"new" * 2000))
+        assert os.fstat(fd).st_size == 6000
+        assert os.pread(fd, 6, 2997) == b"newnew"
+    finally:
+        os.close(fd)

@@ -102,6 +102,7 @@ class OpenFile:
     image: OpenImage
     writable: bool
     append: bool = False
+    origin: str = "fs"  # who opened it: writes from elsewhere must reach the kernel's caches
 
 
 @dataclass
@@ -964,7 +965,7 @@ class Service:
             except BaseException:
                 await self.release(OpenFile(oi, writable))
                 raise
-        return OpenFile(oi, writable, append)
+        return OpenFile(oi, writable, append, caller.origin)
 
     async def read(self, of: OpenFile, offset: int, size: int) -> bytes:
         oi = of.image
@@ -1024,6 +1025,8 @@ class Service:
 
     async def release(self, of: OpenFile) -> None:
         oi = of.image
+        if of.writable and of.origin != "fs":
+            self._changed(oi.ino, None, None)  # the mount's cached size and pages are stale
         oi.refs -= 1
         if oi.refs > 0:
             return
