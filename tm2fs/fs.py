@@ -13,10 +13,11 @@ Invalidation runs in a worker thread: the kernel may need a lock held by a reque
 waiting for the trio loop, so calling it on the loop could deadlock. Those threads have their own
 small limiter, so invalidations stuck behind a busy inode never starve the drivers' worker threads.
 
-Data caching: no writeback cache (`fsync` must reach the backend, and the kernel would otherwise
-hold dirty pages the daemon never saw), and `keep_cache=False`: each open starts with a clean page
-cache, so data written through the API (`tm2 write`, which does not pass through the kernel) shows
-on the next open. A program that keeps a file open (qemu) still gets the page cache.
+Data caching: no writeback cache. Measured, it makes 4 KiB random writes 3.5x faster
+(benchmarks/fio_mount.py), but the kernel then trusts its own file size over the daemon's, so a
+`tm2 resize` or a change made on another host would not show on the mount. `keep_cache=False`:
+each open starts with a clean page cache, so data written through the API (`tm2 write`, which does
+not pass through the kernel) shows on the next open; a file held open is invalidated explicitly.
 
 statfs: pyfuse3 does not pass the inode to `statfs`, so `df` anywhere on the mount shows the whole
 pool (the sum over backends with a known size); per-backend figures are `onestoragebackend list`'s.
@@ -105,7 +106,7 @@ def _name(raw: bytes) -> str:
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False  # fsync must reach the backend; the kernel may not delay it
+    enable_writeback_cache = False  # see the module docstring: coherence over write speed
     enable_acl = False
 
     def __init__(self, service: Service) -> None:
