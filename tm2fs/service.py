@@ -90,11 +90,15 @@ class OpenImage:
     key: str
     handle: Handle
     size: int
-    ino: int
+    node: Node  # kept current by setattr: getattr of an open image needs no query
     mtime_ns: int
     refs: int = 0
     dirty: bool = False  # size or mtime not yet in the pool store
     unlinked: bool = False  # removed from the namespace while open: data goes at last close
+
+    @property
+    def ino(self) -> int:
+        return self.node.ino
 
 
 @dataclass(eq=False, slots=True)
@@ -123,7 +127,8 @@ class Service:
         self.mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self._runtime: dict[int, BackendRuntime] = {}
         self._backends: dict[int, Backend] = {}
-        self._open: dict[int, OpenImage] = {}
+        self._open: dict[int, OpenImage] = {}  # by image id
+        self._open_ino: dict[int, OpenImage] = {}  # the same, by inode (the kernel's getattr)
         #: backends whose FREE/USED changed since their last monitor (the monitor loop re-reads them)
         self.stale: set[int] = set()
         #: called with (ino, parent_ino, name) after a change not made through the mount
@@ -492,6 +497,7 @@ class Service:
             except OSError as e:
                 log.error("closing image %d: %s", oi.image_id, e)
         self._open.clear()
+        self._open_ino.clear()
         for rt in self._runtime.values():
             await _quietly(rt.driver.stop())
 
@@ -593,6 +599,11 @@ class Service:
     # ------------------------------------------------------------------ namespace (FUSE view)
 
     def getattr(self, ino: int) -> Attr:
+        oi = self._open_ino.get(ino)
+        if oi is not None:  # hot: the kernel asks during I/O; unlinked-but-open has nlink 0
+            n = oi.node
+            return Attr(n.ino, n.mode, 0 if oi.unlinked else 1, n.uid, n.gid, oi.size,
+                        n.atime_ns, oi.mtime_ns, n.ctime_ns, n.backend_id)
         with self.store.read() as tx:
             return self._attr(tx, self._get(tx, ino))
 
@@ -891,7 +902,11 @@ class Service:
         values["ctime_ns"] = now_ns()
         with self.store.begin() as tx:
             tx.update_node(ino, **values)
-            attr = self._attr(tx, self._get(tx, ino))
+            fresh = self._get(tx, ino)
+            attr = self._attr(tx, fresh)
+        oi = self._open_ino.get(ino)
+        if oi is not None:
+            oi.node = fresh
         self._changed(ino, None, None, caller)
         return attr
 
@@ -954,8 +969,9 @@ class Service:
                 handle = await driver.open(im.key, writable=b.state == "READY")
             oi = self._open.get(im.id)  # another open may have raced us
             if oi is None:
-                oi = OpenImage(im.id, b.id, im.key, handle, im.size, n.ino, n.mtime_ns)
+                oi = OpenImage(im.id, b.id, im.key, handle, im.size, n, n.mtime_ns)
                 self._open[im.id] = oi
+                self._open_ino[n.ino] = oi
             else:
                 handle.close()
         oi.refs += 1
@@ -1031,6 +1047,7 @@ class Service:
         if oi.refs > 0:
             return
         del self._open[oi.image_id]
+        self._open_ino.pop(oi.ino, None)
         try:
             self._persist(oi)
         finally:
