@@ -241,7 +241,7 @@ class Service:
         if not caller.is_root:
             raise err.PermissionDenied(f"only root may {what}", "run the command as root")
 
-    def _backend_values(self, spec: dict[str, Any], creating: bool, name: str) -> dict[str, Any]:
+    def _backend_values(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Template attributes -> column values, each checked; unknown keys are custom attributes."""
         spec = {str(k).upper(): v for k, v in spec.items()}
         values: dict[str, Any] = {}
@@ -322,7 +322,7 @@ class Service:
             if not upper.get(required):
                 raise err.InvalidArgument(f"{required} is missing from the backend template",
                                           "e.g. NAME=ssd1 TM=dir")
-        values = self._backend_values(upper, True, str(upper["NAME"]))
+        values = self._backend_values(upper)
         tm = str(upper["TM"])
         cls = driver_class(tm)
         with self.store.read() as tx:
@@ -370,7 +370,7 @@ class Service:
         upper = {str(k).upper(): v for k, v in spec.items()}
         if "TM" in upper and upper["TM"] != b.tm:
             raise err.InvalidArgument("TM cannot change", "create a new backend and move images")
-        values = self._backend_values(upper, False, b.name)
+        values = self._backend_values(upper)
         if "attrs" in values:
             attrs = dict(b.attrs)
             for k, v in values["attrs"].items():
