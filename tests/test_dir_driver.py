@@ -107,3 +107,14 @@ async def test_start_fails_when_the_directory_is_gone(driver: DirDriver) -> None
     os.rmdir(driver.root)
     with pytest.raises(FileNotFoundError):
         await driver.start()
+
+
+def test_filesystems_that_can_hang_are_recognised(tmp_path: Path) -> None:
+    from tm2fs.drivers.dir import filesystem_type, is_remote
+
+    assert filesystem_type("/proc/self") == "proc"
+    assert not is_remote(filesystem_type(tmp_path))
+    for kind in ("nfs4", "cifs", "ceph", "fuse.sshfs", "fuse.tm2fs", "9p"):
+        assert is_remote(kind)
+    for kind in ("ext4", "xfs", "btrfs", "tmpfs", "zfs"):
+        assert not is_remote(kind)

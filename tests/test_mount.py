@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -389,3 +390,42 @@ def test_api_changes_reach_the_kernel_before_its_cache_expires(daemon: Daemon) -
         checked += 1
     if not checked:
         pytest.skip("tm2 was slower than the kernel's cache timeout: nothing could be shown")
+
+
+@pytest.mark.slow
+@pytest.mark.logs_ok
+def test_a_hung_backend_turns_to_error_and_never_hangs_the_daemon(tmp_path: Path) -> None:
+    """A `dir` backend on a filesystem whose server stops answering (here: another tm2fs mount,
+    SIGSTOPped) answers EIO within its TIMEOUT, and the rest of the tree keeps working."""
+    inner, outer = Daemon(tmp_path / "inner"), Daemon(tmp_path / "outer")
+    for d in (inner, outer):
+        d.tmp.mkdir()
+    inner.start()
+    try:
+        outer.start()
+        store = inner.mnt / "local" / "store"
+        store.mkdir()
+        made = outer.backend_cli("create", "--name", "remote", "--tm", "dir", "--tm-raw",
+                                 f"PATH={store}", "--timeout", "2")
+        assert made.returncode == 0, made.stderr.decode()
+        (outer.mnt / "remote" / "img").write_bytes(b"far away")
+        os.kill(inner.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            cat = subprocess.run(["cat", str(outer.mnt / "remote" / "img")], capture_output=True,
+                                 timeout=30, check=False)
+            assert cat.returncode != 0 and b"Input/output error" in cat.stderr
+            assert time.monotonic() - t0 < 10
+            assert outer.backends()["remote"]["STATE"] == "ERROR"
+            (outer.mnt / "local" / "near").write_bytes(b"fine")  # the rest of the tree works
+            assert (outer.mnt / "local" / "near").read_bytes() == b"fine"
+        finally:
+            os.kill(inner.proc.pid, signal.SIGCONT)
+        end = time.monotonic() + 20
+        while outer.backends()["remote"]["STATE"] != "READY":
+            assert time.monotonic() < end, "the backend did not come back"
+            time.sleep(0.2)
+        assert (outer.mnt / "remote" / "img").read_bytes() == b"far away"
+    finally:
+        outer.stop()
+        inner.stop()

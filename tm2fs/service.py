@@ -204,6 +204,21 @@ class Service:
         except OSError as e:
             raise self._os_error(b, what, e) from None
 
+    @asynccontextmanager
+    async def _data(self, backend_id: int, what: str) -> AsyncIterator[None]:
+        """A data-path call: bounded by the backend's timeout (which only a driver whose calls
+        can be abandoned, e.g. through a worker thread, needs), OSErrors mapped."""
+        b = self._backends.get(backend_id) or self._backend(backend_id)
+        try:
+            with trio.fail_after(b.timeout):
+                yield
+        except trio.TooSlowError:
+            self._set_error(b, f"{what} timed out after {b.timeout:g}s")
+            raise err.BackendUnavailable(
+                f"backend {b.name}: {what} timed out after {b.timeout:g}s") from None
+        except OSError as e:
+            raise self._os_error(b, what, e) from None
+
     def _os_error(self, b: Backend, what: str, e: OSError) -> err.Tm2Error:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return err.NoSpace(f"backend {b.name} is full", "free space or grow the backend")
@@ -493,8 +508,9 @@ class Service:
         for oi in list(self._open.values()):
             try:
                 self._persist(oi)
-                oi.handle.close()
-            except OSError as e:
+                async with self._data(oi.backend_id, "close"):
+                    await oi.handle.aclose()
+            except (OSError, err.Tm2Error) as e:
                 log.error("closing image %d: %s", oi.image_id, e)
         self._open.clear()
         self._open_ino.clear()
@@ -919,10 +935,8 @@ class Service:
         oi = self._open.get(n.image_id)  # type: ignore[arg-type]
         t = now_ns()
         if oi is not None:
-            try:
-                oi.handle.truncate(size)
-            except OSError as e:
-                raise self._os_error(b, "resize", e) from None
+            async with self._data(b.id, "resize"):
+                await oi.handle.atruncate(size)
             oi.size, oi.mtime_ns, oi.dirty = size, t, True
             self._persist(oi)
             return
@@ -990,10 +1004,8 @@ class Service:
             self._usable(self._backend(oi.backend_id), write=False)
         if offset >= oi.size:
             return b""
-        try:
+        async with self._data(oi.backend_id, "read"):
             return await oi.handle.apread(offset, min(size, oi.size - offset))
-        except OSError as e:
-            raise self._os_error(self._backend(oi.backend_id), "read", e) from None
 
     async def write(self, of: OpenFile, offset: int, data: bytes) -> int:
         oi = of.image
@@ -1007,10 +1019,8 @@ class Service:
         end = offset + len(data)
         if end > oi.size and b is not None:
             self._fits(b, end)
-        try:
+        async with self._data(oi.backend_id, "write"):
             n = await oi.handle.apwrite(offset, data)
-        except OSError as e:
-            raise self._os_error(self._backend(oi.backend_id), "write", e) from None
         if offset + n > oi.size:
             oi.size = offset + n
         oi.mtime_ns = now_ns()
@@ -1033,10 +1043,8 @@ class Service:
     async def fsync(self, of: OpenFile) -> None:
         """The data reaches the backend's durable state, then the size is committed."""
         oi = of.image
-        try:
+        async with self._data(oi.backend_id, "fsync"):
             await oi.handle.aflush()
-        except OSError as e:
-            raise self._os_error(self._backend(oi.backend_id), "fsync", e) from None
         self._persist(oi)
 
     async def release(self, of: OpenFile) -> None:
@@ -1051,7 +1059,11 @@ class Service:
         try:
             self._persist(oi)
         finally:
-            oi.handle.close()
+            try:
+                async with self._data(oi.backend_id, "close"):
+                    await oi.handle.aclose()
+            except err.Tm2Error as e:
+                log.error("closing image %d: %s", oi.image_id, e.message)
         if oi.unlinked:
             with self.store.begin() as tx:
                 im = tx.image(oi.image_id)

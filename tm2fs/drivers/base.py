@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import trio
+
 Progress = Callable[[int], None]  # called with bytes done so far
 
 
@@ -56,6 +58,62 @@ class Handle:
 
     async def aflush(self) -> None:
         self.flush()
+
+    async def atruncate(self, size: int) -> None:
+        self.truncate(size)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class ThreadedHandle(Handle):
+    """Runs every call of another handle in a worker thread that a timeout can abandon.
+
+    For storage that can hang (a network or FUSE filesystem under a `dir` backend): a thread hop
+    per request costs throughput, but a hung call then times out instead of stalling the loop.
+    """
+
+    __slots__ = ("inner", "limiter")
+
+    def __init__(self, inner: Handle, limiter: trio.CapacityLimiter) -> None:
+        self.inner = inner
+        self.limiter = limiter  # the backend's own: its hung threads cannot starve the others
+
+    def pread(self, offset: int, size: int) -> bytes:
+        return self.inner.pread(offset, size)
+
+    def pwrite(self, offset: int, data: bytes) -> int:
+        return self.inner.pwrite(offset, data)
+
+    def truncate(self, size: int) -> None:
+        self.inner.truncate(size)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def apread(self, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(self.inner.pread, offset, size,
+                                             abandon_on_cancel=True, limiter=self.limiter)
+
+    async def apwrite(self, offset: int, data: bytes) -> int:
+        return await trio.to_thread.run_sync(self.inner.pwrite, offset, data,
+                                             abandon_on_cancel=True,
+                                             limiter=self.limiter)
+
+    async def aflush(self) -> None:
+        await trio.to_thread.run_sync(self.inner.flush, abandon_on_cancel=True,
+                                             limiter=self.limiter)
+
+    async def atruncate(self, size: int) -> None:
+        await trio.to_thread.run_sync(self.inner.truncate, size, abandon_on_cancel=True,
+                                             limiter=self.limiter)
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self.inner.close, abandon_on_cancel=True,
+                                             limiter=self.limiter)
 
 
 class Driver:

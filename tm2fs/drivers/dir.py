@@ -2,10 +2,12 @@
 
 Clone is a reflink (FICLONE) where the filesystem shares blocks (XFS, btrfs), else a sparse-aware
 copy (SEEK_DATA/SEEK_HOLE) so a thin 100 GiB image with 1 MiB of data copies 1 MiB. Data-path calls
-(pread/pwrite) run inline on the trio thread: on a local filesystem they are page-cache memcpy and
-a thread hop would cost more than the call. A directory on a network filesystem that can hang
-should be used with care: control calls (monitor, clone, delete...) run in worker threads under the
-backend's timeout, but an inline read on a hung mount blocks the loop.
+(pread/pwrite) run inline on the trio thread when the directory is on a local filesystem: there
+they are page-cache memcpy and a thread hop would cost more than the call. On a filesystem that
+can hang (NFS, CIFS, CephFS, FUSE, 9p...: read from /proc/self/mounts at start) every data call
+goes through a worker thread that the backend's timeout can abandon, so a dead server turns the
+backend to ERROR instead of stalling the daemon. Control calls (monitor, clone, delete...) always
+run in worker threads.
 """
 
 from __future__ import annotations
@@ -19,10 +21,31 @@ from typing import Any
 import trio
 
 from ..errors import InvalidArgument
-from .base import Capacity, Driver, Handle, Progress, fsync_dir
+from .base import Capacity, Driver, Handle, Progress, ThreadedHandle, fsync_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 COPY_CHUNK = 8 * 2**20
+# filesystems whose calls can block for as long as a server is away
+REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre", "afs",
+          "fuse", "fuseblk", "sshfs")
+
+
+def filesystem_type(path: str | os.PathLike) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it)."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[1].decode(errors="replace").replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fields[2].decode(errors="replace")
+    return kind
+
+
+def is_remote(fs_type: str) -> bool:
+    return fs_type.split(".")[0] in REMOTE
 
 
 class FileHandle(Handle):
@@ -54,6 +77,9 @@ class DirDriver(Driver):
     def __init__(self, tm_raw: dict[str, Any], state_dir: Path) -> None:
         super().__init__(tm_raw, state_dir)
         self.root = Path(tm_raw["PATH"])
+        self.remote = False
+        # every worker thread of this backend counts here, so a hung server ties up only these
+        self.limiter = trio.CapacityLimiter(16)
 
     @classmethod
     def validate(cls, tm_raw: dict[str, Any], state_dir: Path, backend_name: str) -> dict[str, Any]:
@@ -81,14 +107,15 @@ class DirDriver(Driver):
         return self.root / key
 
     async def start(self) -> None:
-        await trio.to_thread.run_sync(self._check_root, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(self._check_root, abandon_on_cancel=True, limiter=self.limiter)
+        self.remote = is_remote(filesystem_type(self.root))
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(errno.ENOENT, "backend directory is gone", str(self.root))
 
     async def monitor(self) -> Capacity:
-        return await trio.to_thread.run_sync(self._monitor, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(self._monitor, abandon_on_cancel=True, limiter=self.limiter)
 
     def _monitor(self) -> Capacity:
         self._check_root()
@@ -110,7 +137,7 @@ class DirDriver(Driver):
                 os.close(fd)
             fsync_dir(self.root)
 
-        await trio.to_thread.run_sync(_allocate, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(_allocate, abandon_on_cancel=True, limiter=self.limiter)
 
     async def delete(self, key: str) -> None:
         def _delete() -> None:
@@ -120,10 +147,12 @@ class DirDriver(Driver):
                 return
             fsync_dir(self.root)
 
-        await trio.to_thread.run_sync(_delete, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(_delete, abandon_on_cancel=True, limiter=self.limiter)
 
     async def size(self, key: str) -> int:
-        return os.stat(self._path(key)).st_size
+        st = await trio.to_thread.run_sync(os.stat, self._path(key), abandon_on_cancel=True,
+                                           limiter=self.limiter)
+        return st.st_size
 
     async def resize(self, key: str, size: int) -> None:
         def _resize() -> None:
@@ -134,20 +163,25 @@ class DirDriver(Driver):
             finally:
                 os.close(fd)
 
-        await trio.to_thread.run_sync(_resize, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(_resize, abandon_on_cancel=True, limiter=self.limiter)
 
     async def clone(self, src_key: str, dst_key: str, progress: Progress | None = None) -> None:
         await trio.to_thread.run_sync(
             _clone_file, self._path(src_key), self._path(dst_key), progress,
-            abandon_on_cancel=True)
+            abandon_on_cancel=True, limiter=self.limiter)
 
     async def open(self, key: str, writable: bool) -> Handle:
-        return FileHandle(os.open(self._path(key), os.O_RDWR if writable else os.O_RDONLY))
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if self.remote:
+            fd = await trio.to_thread.run_sync(os.open, self._path(key), flags,
+                                               abandon_on_cancel=True, limiter=self.limiter)
+            return ThreadedHandle(FileHandle(fd), self.limiter)
+        return FileHandle(os.open(self._path(key), flags))
 
     async def keys(self) -> list[str]:
         return await trio.to_thread.run_sync(
             lambda: [e.name for e in os.scandir(self.root) if e.is_file(follow_symlinks=False)],
-            abandon_on_cancel=True)
+            abandon_on_cancel=True, limiter=self.limiter)
 
     def local_path(self, key: str) -> str:
         return str(self._path(key))
