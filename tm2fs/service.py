@@ -14,9 +14,11 @@ Ordering rules that keep the pool store consistent after a crash (no await insid
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
 import posixpath
+import pwd
 import socket
 import stat
 import time
@@ -1364,9 +1366,6 @@ def _capped(cap: Capacity, limit: int | None) -> tuple[int | None, int | None, i
 
 
 def _backend_view(b: Backend, root: Node | None, counters: tuple[int, int, int]) -> dict[str, Any]:
-    import grp
-    import pwd
-
     uid = root.uid if root else 0
     gid = root.gid if root else 0
     try:
@@ -1394,27 +1393,22 @@ def _attachment_view(a: Attachment) -> dict[str, Any]:
 
 
 def _uid(value: Any) -> int:
-    import pwd
-
-    text = str(value)
-    if text.isdigit():
-        return int(text)
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise err.InvalidArgument(f"no user {text!r} on this host") from None
+    return _account_id(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(value: Any) -> int:
-    import grp
+    return _account_id(value, lambda name: grp.getgrnam(name).gr_gid, "group")
 
+
+def _account_id(value: Any, lookup: Callable[[str], int], what: str) -> int:
+    """A user or group by number or by name on this host."""
     text = str(value)
     if text.isdigit():
         return int(text)
     try:
-        return grp.getgrnam(text).gr_gid
+        return lookup(text)
     except KeyError:
-        raise err.InvalidArgument(f"no group {text!r} on this host") from None
+        raise err.InvalidArgument(f"no {what} {text!r} on this host") from None
 
 
 def _permissions(value: Any) -> int:
