@@ -71,10 +71,10 @@ def test_show_update_disable_enable_delete(daemon: Daemon, tmp_path: Path) -> No
     assert ET.fromstring(out(daemon.backend_cli("show", "2", "-x"))).findtext("NAME") == "b"
     out(daemon.backend_cli("update", "b", "--cost", "7", "--tags", "HDD7K"))
     tpl = tmp_path / "u.tpl"
-    tpl.write_text("NAME = renamed\nPRIORITY = 3\n")
+    tpl.write_text("NAME = renamed\nPRIORITY = 3\nRACK = r7\n")
     out(daemon.backend_cli("update", "b", str(tpl)))
     b = daemon.backends()["renamed"]
-    assert (b["COST"], b["TAGS"], b["ATTRS"]) == (7, ["HDD7K"], {"PRIORITY": "3"})
+    assert (b["COST"], b["TAGS"], b["PRIORITY"], b["ATTRS"]) == (7, ["HDD7K"], 3, {"RACK": "r7"})
     assert (daemon.mnt / "renamed" / "img").exists()
     out(daemon.backend_cli("disable", "renamed"))
     assert daemon.backends()["renamed"]["STATE"] == "DISABLED"

@@ -19,7 +19,7 @@ def snapshot(service: Service) -> list[dict]:
     """What a user could see of the pool, minus clocks."""
     out = []
     for b in service.list_backends():
-        b = {k: v for k, v in b.items() if k not in ("UPDATED", "MONITORED", "FREE", "USED")}
+        b = {k: v for k, v in b.items() if k not in ("UPDATED", "MONITORED", "FREE", "USED", "AVAILABLE")}
         b["IMAGES"] = [(i["PATH"], i["SIZE"]) for i in service.backend_info(b["ID"], True)["IMAGES"]]
         out.append(b)
     return out
@@ -137,7 +137,7 @@ async def test_bad_sizes_change_nothing(service: Service, size: str) -> None:
 
 async def test_larger_than_the_backend_is_refused(service: Service) -> None:
     cap = service.backend_info("local")["CAPACITY"]
-    with pytest.raises(err.FileTooBig, match="do not fit"):
+    with pytest.raises(err.NoSpace, match="cannot take"):
         await service.allocate("local:huge", cap + 1, ROOT)
     assert service.backend_info("local")["NBIMAGE"] == 0
 
@@ -332,10 +332,12 @@ async def test_reconcile_after_crash(service: Service, store: PoolStore, tmp_pat
         tx.insert_image(service.find_backend("local").id, "e" * 32, 1)
     fresh = Service(store, tmp_path / "state", host="testhost")
     fixed = await fresh.reconcile()
-    assert fixed == {"orphans": 1, "leftovers": 1, "sizes": 1, "links": 0}
+    assert fixed == {"orphans": 1, "leftovers": 1, "sizes": 1, "links": 0,
+                     "reservations": 0}
     assert fresh.get_size("local:kept", ROOT) == 4096
     assert sorted(os.listdir(backing)) == [service.image_info("local:kept", ROOT)["KEY"]]
-    assert await fresh.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0}
+    assert await fresh.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0,
+                                           "reservations": 0}
 
 
 async def test_statfs(service: Service) -> None:

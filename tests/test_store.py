@@ -98,15 +98,17 @@ def test_newer_schema_is_refused(store_url: str) -> None:
 
 
 def test_migrations_run_in_order(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A store at version 1 is brought to the current version by the listed steps, once."""
+    """A store at an older version is brought to the current one by the listed steps, once."""
     s = PoolStore(store_url)
     s.close()
     ran: list[int] = []
-    monkeypatch.setattr(st, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(st, "MIGRATIONS", [lambda c: ran.append(2), lambda c: ran.append(3)])
+    now = st.SCHEMA_VERSION
+    monkeypatch.setattr(st, "SCHEMA_VERSION", now + 2)
+    monkeypatch.setattr(st, "MIGRATIONS", [*st.MIGRATIONS, lambda c: ran.append(now + 1),
+                                           lambda c: ran.append(now + 2)])
     s = PoolStore(store_url)
     with s.read() as tx:
-        assert tx.c.execute(sa.select(st.schema_info.c.version)).scalar_one() == 3
+        assert tx.c.execute(sa.select(st.schema_info.c.version)).scalar_one() == now + 2
     s.close()
     PoolStore(store_url).close()
-    assert ran == [2, 3]
+    assert ran == [now + 1, now + 2]

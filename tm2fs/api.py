@@ -19,6 +19,7 @@ from . import __version__
 from . import errors as err
 from .httpserver import Request, Response, serve_unix
 from .service import Caller, Service
+from .sizes import parse_size
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 2**20
@@ -109,11 +110,27 @@ async def disable_backend(svc: Service, req: Request, ref: str) -> Any:
 # ---------------------------------------------------------------------- TM2 actions
 
 
-@route("POST", "/v1/images/allocate", "allocate: a new (sparse) image", body=("address", "size"))
+PLACE = ("requirements", "rank", "policy", "role")  # placement options for `auto:` addresses
+
+
+def _place(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data[k] for k in PLACE if data.get(k) not in (None, "")}
+
+
+@route("POST", "/v1/images/allocate", "allocate: a new (sparse) image; address auto:PATH places it",
+       body=("address", "size", *PLACE))
 async def allocate(svc: Service, req: Request) -> Any:
     data = await _object(req)
-    info = await svc.allocate(_arg(data, "address"), _arg(data, "size"), caller_of(req))
+    info = await svc.allocate(_arg(data, "address"), _arg(data, "size"), caller_of(req),
+                              place=_place(data))
     return Response.json(info, 201)
+
+
+@route("POST", "/v1/placement", "Every backend's verdict for a new image of `size` (a dry run)",
+       body=("size", *PLACE))
+async def place(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    return svc.explain(caller_of(req), _arg(data, "size"), **_place(data))
 
 
 @route("POST", "/v1/images/resize", "resize: grow (or shrink with shrink=true)",
@@ -141,12 +158,12 @@ async def info(svc: Service, req: Request) -> Any:
     return svc.image_info(_arg(req.query, "address"), caller_of(req))
 
 
-@route("POST", "/v1/images/clone", "clone: COW/reflink inside a backend, a copy across",
-       body=("src", "dst"))
+@route("POST", "/v1/images/clone", "clone: COW/reflink inside a backend, a copy across; dst "
+       "auto:PATH places it", body=("src", "dst", *PLACE))
 async def clone(svc: Service, req: Request) -> Any:
     data = await _object(req)
-    return Response.json(await svc.clone(_arg(data, "src"), _arg(data, "dst"), caller_of(req)),
-                         201)
+    return Response.json(await svc.clone(_arg(data, "src"), _arg(data, "dst"), caller_of(req),
+                                         place=_place(data)), 201)
 
 
 @route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host",
@@ -186,7 +203,7 @@ async def read(svc: Service, req: Request) -> Any:
 
 
 @route("PUT", "/v1/images/data", "write (replace, creating if missing) / push (new image only)",
-       query=("address", "mode"))
+       query=("address", "mode", "size", *PLACE))
 async def write(svc: Service, req: Request) -> Any:
     address = _arg(req.query, "address")
     mode = req.query.get("mode", "write")
@@ -194,8 +211,10 @@ async def write(svc: Service, req: Request) -> Any:
         raise err.InvalidArgument(f"mode {mode!r} is not write or push")
     caller = caller_of(req)
     push = mode == "push"
+    size = parse_size(req.query.get("size") or 0)  # what placement reserves for a new image
     of = await svc.open_address(address, caller, writable=True, create=True, exclusive=push,
-                                truncate=True)
+                                truncate=True, size=size, place=_place(req.query))
+    address = svc.address_of(of.image.ino)
     done = 0
     try:
         buf = bytearray()
@@ -205,7 +224,7 @@ async def write(svc: Service, req: Request) -> Any:
                 done = await _write_chunk(svc, of, done, bytes(buf))
                 buf.clear()
         done = await _write_chunk(svc, of, done, bytes(buf))
-        if of.image.size < done:  # trailing zeros were skipped: the size still counts
+        if of.image.size != done:  # trailing zeros were skipped, or fewer than announced
             await svc.setattr(of.image.ino, caller, size=done)
         await svc.fsync(of)
     except BaseException:

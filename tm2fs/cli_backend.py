@@ -19,7 +19,8 @@ from .template import parse_template
 
 DEFAULT_COLUMNS = ["ID", "NAME", "STATE", "TM", "CAPACITY", "FREE", "USED", "COST", "ROLE", "TAGS",
                    "NBIMAGE", "NBVM", "USER", "GROUP"]
-ALL_COLUMNS = [*DEFAULT_COLUMNS, "ALLOCATED", "CAPACITY_LIMIT", "CLUSTER", "PERMISSIONS",
+ALL_COLUMNS = [*DEFAULT_COLUMNS, "ALLOCATED", "AVAILABLE", "CAPACITY_LIMIT", "OVERCOMMIT",
+                                 "RESERVED", "PRIORITY", "CLUSTER", "PERMISSIONS",
                                  "TIMEOUT", "ERROR", "UID", "GID"]
 
 
@@ -74,6 +75,9 @@ def backend_options(func: Any) -> Any:
         ("--tm-raw", "driver arguments, e.g. 'PATH=/srv/ssd1'"),
         ("--capacity", "cap on the capacity shown and used for placement, e.g. 2T"),
         ("--cost", "admin's cost (placement prefers the lowest)"),
+        ("--overcommit", "how far thin images may promise past the capacity, e.g. 1.5 (default 1)"),
+        ("--reserved", "share of the capacity never promised, e.g. 5% (default 0)"),
+        ("--priority", "rank for the `fixed` placement policy (higher first)"),
         ("--role", "SAN (VM disks) or REPOSITORY (base images)"),
         ("--tags", "comma-separated tags, e.g. SSD,ISCSI"),
         ("--cluster", "cluster name"),

@@ -72,6 +72,34 @@ def _check_address(address: str) -> str:
     return address
 
 
+def placement_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that steer placement when a target is auto:PATH."""
+    for option in reversed([
+        click.option("--requirements", "-r", metavar="EXPR",
+                     help="what the backend must offer, e.g. 'TAGS @> SSD & FREE > 20G'"),
+        click.option("--rank", metavar="EXPR",
+                     help="order the candidates, higher first, e.g. 'FREE - COST * 1G'"),
+        click.option("--policy", type=click.Choice(["cost", "packing", "striping", "fixed"]),
+                     help="a named rank (default cost: lowest COST, then most AVAILABLE)"),
+        click.option("--role", type=click.Choice(["SAN", "REPOSITORY", "ANY"],
+                                                 case_sensitive=False),
+                     help="backend ROLE to use (default SAN; REPOSITORY for push)"),
+    ]):
+        func = option(func)
+    return func
+
+
+def _placed(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in ("requirements", "rank", "policy", "role")
+            if kwargs.get(k) is not None}
+
+
+def _report(target: str, info: dict[str, Any] | None) -> None:
+    """An auto: target prints where it landed, for scripts to use."""
+    if target.startswith("auto:") and info:
+        click.echo(info["ADDRESS"])
+
+
 def _progress(total: int, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:
     """A rich progress bar on stderr when it is a terminal and the copy is long."""
     if total < PROGRESS_MIN or not sys.stderr.isatty():
@@ -137,29 +165,38 @@ def _file_chunks(f: Any, advance: Callable[[int], None]) -> Iterator[bytes]:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.argument("image", callback=lambda c, p, v: _check_address(v))
-def push(path: str, image: str) -> None:
-    """Copy the local file PATH into a new IMAGE (refuses to overwrite one)."""
+@placement_options
+def push(path: str, image: str, **kwargs: Any) -> None:
+    """Copy the local file PATH into a new IMAGE (refuses to overwrite one).
+
+    IMAGE auto:PATH lets placement choose a REPOSITORY backend (see `tm2 place --help`)."""
     size = os.path.getsize(path)
     advance, done = _progress(size, f"push {image}")
     try:
         with open(path, "rb") as f:
-            _client().upload(image, _file_chunks(f, advance), "push")
+            info = _client().upload(image, _file_chunks(f, advance), "push",
+                                    {"size": size, **_placed(kwargs)})
     finally:
         done()
+    _report(image, info)
 
 
 @main.command()
 @click.argument("src", callback=lambda c, p, v: _check_address(v))
 @click.argument("dst")
-def clone(src: str, dst: str) -> None:
-    """Clone SRC to DST (BACKEND:IMAGE, or a bare IMAGE in SRC's backend).
+@placement_options
+def clone(src: str, dst: str, **kwargs: Any) -> None:
+    """Clone SRC to DST (BACKEND:IMAGE, a bare IMAGE in SRC's backend, or auto:IMAGE).
 
     Inside one backend the driver clones: a reflink or copy-on-write where the storage can, a
-    sparse copy otherwise. Across backends the bytes are copied.
+    sparse copy otherwise. Across backends the bytes are copied. With auto:IMAGE placement
+    chooses the backend and the chosen BACKEND:IMAGE is printed.
     """
     if ":" not in dst:
         dst = f"{src.partition(':')[0]}:{dst}"
-    _client().call("POST", "/v1/images/clone", {"src": src, "dst": _check_address(dst)})
+    info = _client().call("POST", "/v1/images/clone",
+                          {"src": src, "dst": _check_address(dst), **_placed(kwargs)})
+    _report(dst, info)
 
 
 @main.command()
@@ -183,9 +220,58 @@ SIZE_ARGS = {"ignore_unknown_options": True}
 @main.command(context_settings=SIZE_ARGS)
 @click.argument("image", callback=lambda c, p, v: _check_address(v))
 @click.argument("size", callback=lambda c, p, v: parse_size(v))
-def allocate(image: str, size: int) -> None:
-    """Create IMAGE of SIZE bytes (sparse: it takes space as it is written)."""
-    _client().call("POST", "/v1/images/allocate", {"address": image, "size": size})
+@placement_options
+def allocate(image: str, size: int, **kwargs: Any) -> None:
+    """Create IMAGE of SIZE bytes (sparse: it takes space as it is written).
+
+    IMAGE auto:PATH lets placement choose the backend (missing folders of PATH are made) and
+    prints the chosen BACKEND:PATH, e.g.
+
+    \b
+      tm2 allocate auto:one-42/disk.0 20G -r 'TAGS @> SSD'
+    """
+    info = _client().call("POST", "/v1/images/allocate",
+                          {"address": image, "size": size, **_placed(kwargs)})
+    _report(image, info)
+
+
+@main.command(context_settings=SIZE_ARGS)
+@click.argument("size", callback=lambda c, p, v: parse_size(v))
+@placement_options
+@click.option("--explain", is_flag=True, help="show every backend's verdict, not just the choice")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def place(size: int, explain: bool, as_json: bool, **kwargs: Any) -> None:
+    """Which backend would take a new image of SIZE? A dry run: nothing is reserved.
+
+    Backends are filtered (STATE READY, ROLE, your access, --requirements, room for SIZE) and
+    the rest ranked, higher first, by --rank or --policy. Expressions use backend attributes:
+    NAME TM ROLE COST PRIORITY CAPACITY FREE USED ALLOCATED AVAILABLE TAGS NBIMAGE NBVM CLUSTER
+    and custom ones; sizes take units (20G).
+
+    \b
+    Requirements: = != > < >= <= (wildcards on =: NAME = "ssd*"), @> (TAGS @> SSD),
+                  & | ! and parentheses.
+    Rank:         + - * / on numbers, e.g. --rank 'FREE / (COST + 1)'.
+    Policies:     cost (lowest COST, then most AVAILABLE), packing (least AVAILABLE first),
+                  striping (most AVAILABLE first), fixed (highest PRIORITY first).
+
+    \b
+    Examples:
+      tm2 place 20G -r 'TAGS @> SSD' --explain
+      tm2 place 100G --role REPOSITORY --policy striping
+    """
+    verdicts = _client().call("POST", "/v1/placement", {"size": size, **_placed(kwargs)})
+    if as_json:
+        click.echo(to_json(verdicts))
+        return
+    chosen = [v for v in verdicts if v["ORDER"] is not None]
+    if explain:
+        print_table(verdicts, ["ORDER", "ID", "NAME", "STATE", "ROLE", "COST", "AVAILABLE", "RANK",
+                               "VERDICT"])
+    elif chosen:
+        click.echo(chosen[0]["NAME"])
+    if not chosen:
+        raise Tm2Error("no backend can take it" + ("" if explain else "; see --explain"))
 
 
 @main.command(context_settings=SIZE_ARGS)

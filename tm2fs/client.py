@@ -74,9 +74,11 @@ class Client:
 
         return size, chunks()
 
-    def upload(self, address: str, chunks: Iterable[bytes], mode: str) -> Any:
+    def upload(self, address: str, chunks: Iterable[bytes], mode: str,
+               params: dict[str, Any] | None = None) -> Any:
         try:
-            response = self.http.put("/v1/images/data", params={"address": address, "mode": mode},
+            response = self.http.put("/v1/images/data",
+                                     params={"address": address, "mode": mode, **(params or {})},
                                      content=chunks)
         except (httpx.ConnectError, FileNotFoundError) as e:
             raise self._unreachable(e) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import InvalidArgument, NameTooLong
 
 NAME_MAX = 255
+AUTO = "auto"  # `auto:IMAGE`: let placement choose the backend
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -33,6 +34,8 @@ def check_backend_name(name: str) -> str:
         raise InvalidArgument(f"backend name {name!r} contains ':'", "':' separates BACKEND:IMAGE")
     if name.isdigit():
         raise InvalidArgument(f"backend name {name!r} is all digits", "digits alone mean an ID")
+    if name == AUTO:
+        raise InvalidArgument(f"backend name {name!r} is reserved", "auto:IMAGE asks for placement")
     if name.startswith("-") or name.strip() != name:
         raise InvalidArgument(f"backend name {name!r} starts with '-' or has outer spaces")
     return name

@@ -18,7 +18,7 @@ from rich.table import Table
 from .errors import InvalidArgument
 from .sizes import format_size
 
-SIZE_COLUMNS = {"CAPACITY", "FREE", "USED", "ALLOCATED", "CAPACITY_LIMIT", "SIZE"}
+SIZE_COLUMNS = {"CAPACITY", "FREE", "USED", "ALLOCATED", "AVAILABLE", "CAPACITY_LIMIT", "SIZE"}
 
 
 def cell(key: str, value: Any) -> str:

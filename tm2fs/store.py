@@ -22,7 +22,7 @@ from sqlalchemy import event
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROOT_INO = 1
 
 meta = sa.MetaData()
@@ -50,6 +50,10 @@ backend = sa.Table(
     sa.Column("attrs", sa.Text, nullable=False, default="{}"),  # JSON object, custom attributes
     sa.Column("cluster", sa.String(255), nullable=False, default="default"),
     sa.Column("timeout", sa.Float, nullable=False, default=30.0),  # seconds, every driver call
+    # placement: virtual space may reach (total - reserved share) x overcommit
+    sa.Column("overcommit", sa.Float, nullable=False, default=1.0, server_default="1"),
+    sa.Column("reserved", sa.Float, nullable=False, default=0.0, server_default="0"),
+    sa.Column("priority", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("error", sa.Text),  # why the backend is in ERROR
     sa.Column("root_ino", sa.BigInteger),
     sa.Column("created", sa.Float, nullable=False),
@@ -96,8 +100,27 @@ attachment = sa.Table(
     sa.UniqueConstraint("host", "path", name="attachment_host_path"),
 )
 
+reservation = sa.Table(
+    "reservation", meta,  # space promised to a create in progress (placement), until its rows exist
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("backend_id", sa.Integer, nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+
+def _v1_to_v2(c: sa.Connection) -> None:
+    """Placement: overcommit ratio, reserved share and priority per backend (the reservation
+    table itself is new, so create_all has made it)."""
+    for column, kind, default in (("overcommit", "FLOAT", "1"), ("reserved", "FLOAT", "0"),
+                                  ("priority", "INTEGER", "0")):
+        c.exec_driver_sql(f"ALTER TABLE storagebackend_pool ADD COLUMN {column} {kind} "
+                          f"NOT NULL DEFAULT {default}")
+
+
 # Migrations from version N to N+1; a new schema version appends one function here.
-MIGRATIONS: list = []
+MIGRATIONS: list = [_v1_to_v2]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +172,9 @@ class Backend:
     free: int | None
     used: int | None
     cost: int
+    overcommit: float
+    reserved: float
+    priority: int
     role: str
     tags: list[str]
     attrs: dict[str, Any]
@@ -179,8 +205,8 @@ def _backend(row: Any) -> Backend:
     m = row._mapping
     return Backend(
         **{k: m[k] for k in ("id", "name", "state", "tm", "capacity", "total", "free", "used",
-                             "cost", "role", "cluster", "timeout", "error", "root_ino", "created",
-                             "updated", "monitored")},
+                             "cost", "overcommit", "reserved", "priority", "role", "cluster",
+                             "timeout", "error", "root_ino", "created", "updated", "monitored")},
         tm_raw=json.loads(m["tm_raw"]), tags=json.loads(m["tags"]), attrs=json.loads(m["attrs"]),
     )
 
@@ -218,7 +244,53 @@ class Tx:
         values.setdefault("updated", time.time())
         self.c.execute(backend.update().where(backend.c.id == backend_id).values(**values))
 
+    def lock_backend(self, backend_id: int) -> Backend | None:
+        """The backend row, locked until commit: reservations on one backend take turns.
+        (SQLite's BEGIN IMMEDIATE already serialises every writer.)"""
+        q = sa.select(backend).where(backend.c.id == backend_id)
+        if self.c.dialect.name == "postgresql":
+            q = q.with_for_update()
+        row = self.c.execute(q).first()
+        return _backend(row) if row else None
+
+    def allocated(self, backend_id: int) -> int:
+        """Virtual space of a backend: its images' sizes plus pending reservations. One statement,
+        so a reservation turning into an image in another transaction is never counted 0 or 2
+        times (each statement sees one snapshot, even under READ COMMITTED)."""
+        images = (sa.select(sa.func.coalesce(sa.func.sum(image.c.size), 0))
+                  .where(image.c.backend_id == backend_id).scalar_subquery())
+        pending = (sa.select(sa.func.coalesce(sa.func.sum(reservation.c.size), 0))
+                   .where(reservation.c.backend_id == backend_id).scalar_subquery())
+        return int(self.c.execute(sa.select(images + pending)).scalar_one())
+
+    def allocated_all(self) -> dict[int, int]:
+        """backend id -> virtual space (images + pending reservations), for a placement snapshot."""
+        out: dict[int, int] = {}
+        for table in (image, reservation):
+            for bid, total in self.c.execute(
+                    sa.select(table.c.backend_id, sa.func.sum(table.c.size))
+                    .group_by(table.c.backend_id)):
+                out[bid] = out.get(bid, 0) + int(total or 0)
+        return out
+
+    def insert_reservation(self, backend_id: int, size: int, host: str) -> int:
+        return self.c.execute(reservation.insert().values(
+            backend_id=backend_id, size=size, host=host, created=time.time())
+        ).inserted_primary_key[0]
+
+    def delete_reservation(self, reservation_id: int) -> None:
+        self.c.execute(reservation.delete().where(reservation.c.id == reservation_id))
+
+    def reservations(self, host: str | None = None) -> list[tuple[int, int, int, str]]:
+        """(id, backend id, size, host) of pending reservations."""
+        q = sa.select(reservation.c.id, reservation.c.backend_id, reservation.c.size,
+                      reservation.c.host).order_by(reservation.c.id)
+        if host is not None:
+            q = q.where(reservation.c.host == host)
+        return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
+
     def delete_backend(self, backend_id: int) -> None:
+        self.c.execute(reservation.delete().where(reservation.c.backend_id == backend_id))
         self.c.execute(attachment.delete().where(attachment.c.image_id.in_(
             sa.select(image.c.id).where(image.c.backend_id == backend_id))))
         self.c.execute(image.delete().where(image.c.backend_id == backend_id))

@@ -1,0 +1,104 @@
+"""One placement decision with 10 / 1,000 / 10,000 backends: p50 and p99.
+
+Two figures per pool size:
+- `decide`: the decision alone (filter + rank with a 3-term requirement) over an in-memory pool;
+- `service`: what `tm2 place` costs in the daemon: reading the pool store (SQLite, in a temp dir)
+  for the snapshot, then deciding. Nothing is reserved (a dry run), so every run sees the same pool.
+
+    .venv/bin/python benchmarks/placement.py [--runs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import stat
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tm2fs import placement
+from tm2fs.service import ROOT, Service
+from tm2fs.store import ROOT_INO, PoolStore
+
+G = 2**30
+REQUIREMENTS = "TAGS @> SSD & FREE > 20G & COST < 8"
+
+
+def specs(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        total = rng.choice([1, 2, 4, 8]) * 2**40
+        out.append(dict(name=f"b{i}", state=rng.choices(["READY", "DISABLED"], [9, 1])[0],
+                        tm="dir", tm_raw={}, total=total, free=rng.randrange(total // 10, total),
+                        used=0, cost=rng.randrange(1, 11), role="SAN",
+                        tags=[rng.choice(["SSD", "HDD7K"]), "ISCSI"], attrs={"RACK": f"r{i % 40}"}))
+    return out
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def bench_decide(n: int, runs: int) -> tuple[float, float]:
+    from tm2fs.store import Backend
+
+    pool = []
+    for i, s in enumerate(specs(n)):
+        b = Backend(id=i + 1, capacity=None, overcommit=1.0, reserved=0.0, priority=0,
+                    cluster="default", timeout=30.0, error=None, root_ino=0, created=0.0,
+                    updated=0.0, monitored=None, **s)
+        r = placement.room(b, allocated=0)
+        pool.append((b, placement.attributes(b, r), r))
+    req = placement.request(50 * G, requirements=REQUIREMENTS)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        verdicts = placement.decide(req, pool, lambda b: True)
+        times.append(time.perf_counter() - t)
+    assert verdicts[0].reason is None
+    return percentiles(times)
+
+
+def bench_service(n: int, runs: int, tmp: str) -> tuple[float, float]:
+    store = PoolStore(f"sqlite:///{tmp}/pool-{n}.db")
+    with store.begin() as tx:
+        for s in specs(n):
+            bid = tx.insert_backend(root_ino=0, **s)
+            root = tx.insert_node(parent=ROOT_INO, name=s["name"], backend_id=bid,
+                                  mode=stat.S_IFDIR | 0o755, uid=0, gid=0)
+            tx.update_backend(bid, root_ino=root)
+    service = Service(store, Path(tmp) / "state", host="bench")
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        verdicts, _, _ = service.place(ROOT, 50 * G, requirements=REQUIREMENTS)
+        times.append(time.perf_counter() - t)
+    assert verdicts[0].reason is None
+    store.close()
+    return percentiles(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    print(f"requirements: {REQUIREMENTS}; policy cost; {args.runs} runs each")
+    print(f"{'backends':>9} {'decide p50':>11} {'decide p99':>11} {'service p50':>12} "
+          f"{'service p99':>12}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (10, 1000, 10000):
+            d50, d99 = bench_decide(n, args.runs)
+            s50, s99 = bench_service(n, max(20, args.runs // 10) if n >= 10000 else args.runs, tmp)
+            print(f"{n:>9} {d50 * 1e3:>9.3f}ms {d99 * 1e3:>9.3f}ms {s50 * 1e3:>10.3f}ms "
+                  f"{s99 * 1e3:>10.3f}ms")
+
+
+if __name__ == "__main__":
+    main()
