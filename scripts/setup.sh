@@ -9,7 +9,7 @@ ROOT=$PWD
 
 PACKAGES=(
   fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv   # pyfuse3 builds against libfuse3
-  e2fsprogs util-linux fio qemu-utils file                      # tests and benchmarks use them
+  e2fsprogs util-linux fio qemu-utils file genisoimage          # tests and benchmarks use them
   postgresql sqlite3 procps psmisc                              # the pool store's engines
 )
 

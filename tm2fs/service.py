@@ -132,6 +132,9 @@ class Service:
         self._backends: dict[int, Backend] = {}
         self._open: dict[int, OpenImage] = {}  # by image id
         self._open_ino: dict[int, OpenImage] = {}  # the same, by inode (the kernel's getattr)
+        #: images whose last close is still running: an open waits, or it could read the backend
+        #: before a staging driver (legacy) has pushed the changes back
+        self._closing: dict[int, trio.Event] = {}
         #: backends whose FREE/USED changed since their last monitor (the monitor loop re-reads them)
         self.stale: set[int] = set()
         #: called with (ino, parent_ino, name) after a change not made through the mount
@@ -1012,6 +1015,8 @@ class Service:
 
     async def open(self, ino: int, caller: Caller, writable: bool, truncate: bool = False,
                    append: bool = False) -> OpenFile:
+        while (closing := self._closing.get(ino)) is not None:
+            await closing.wait()  # a driver that stages copies is still pushing the last close
         with self.store.read() as tx:
             n = self._get(tx, ino)
             if n.is_dir:
@@ -1102,6 +1107,7 @@ class Service:
             return
         del self._open[oi.image_id]
         self._open_ino.pop(oi.ino, None)
+        self._closing[oi.ino] = closed = trio.Event()
         try:
             self._persist(oi)
         finally:
@@ -1110,6 +1116,9 @@ class Service:
                     await oi.handle.aclose()
             except err.Tm2Error as e:
                 log.error("closing image %d: %s", oi.image_id, e.message)
+            finally:
+                del self._closing[oi.ino]
+                closed.set()
         if oi.unlinked:
             with self.store.begin() as tx:
                 im = tx.image(oi.image_id)

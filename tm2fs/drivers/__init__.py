@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 from ..errors import InvalidArgument
 from .base import Driver
 
-BUILTIN = {"dir": "tm2fs.drivers.dir:DirDriver"}
+BUILTIN = {"dir": "tm2fs.drivers.dir:DirDriver", "legacy": "tm2fs.drivers.legacy:LegacyDriver"}
 
 
 def driver_class(tm: str) -> type[Driver]:
