@@ -307,3 +307,36 @@ def test_v1_store_is_migrated(store_url: str) -> None:
         assert (b.overcommit, b.reserved, b.priority) == (1.0, 0.0, 0)
         assert tx.reservations() == []
     s.close()
+
+
+# ---------------------------------------------------------------------- through the CLI
+
+
+@pytest.mark.mount
+def test_tm2_place_allocate_push_clone_auto(daemon, tmp_path: Path) -> None:
+    def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode()
+
+    ok(daemon.backend_cli("create", "--name", "ssd1", "--tm", "dir", "--tags", "SSD", "--cost", "10",
+                          "--tm-raw", f"PATH={tmp_path}/ssd1"))
+    ok(daemon.backend_cli("create", "--name", "repo", "--tm", "dir", "--role", "REPOSITORY",
+                          "--tm-raw", f"PATH={tmp_path}/repo"))
+    table = ok(daemon.tm2("place", "1G", "-r", "TAGS @> SSD", "--explain"))
+    lines = {line.split()[2]: line for line in table.splitlines()[2:] if line.split()}
+    assert "candidate" in lines["ssd1"] and "requirements" in lines["local"]
+    assert "role is REPOSITORY" in lines["repo"]
+    assert ok(daemon.tm2("place", "1G")).strip() == "local"  # cost 0 beats cost 10
+    assert ok(daemon.tm2("allocate", "auto:one-7/disk.0", "1M", "-r", "TAGS @> SSD")).strip() \
+        == "ssd1:one-7/disk.0"
+    assert (daemon.mnt / "ssd1" / "one-7" / "disk.0").stat().st_size == M
+    (tmp_path / "base.img").write_bytes(b"base" * 1000)
+    assert ok(daemon.tm2("push", str(tmp_path / "base.img"), "auto:base.img")).strip() == \
+        "repo:base.img"
+    assert (daemon.mnt / "repo" / "base.img").read_bytes() == b"base" * 1000
+    assert ok(daemon.tm2("clone", "repo:base.img", "auto:one-7/disk.1", "--policy", "fixed")) \
+        .strip() in ("local:one-7/disk.1", "ssd1:one-7/disk.1")
+    bad = daemon.tm2("allocate", "auto:x", "1M", "-r", "TAGS @>")
+    assert bad.returncode == 1 and "column" in bad.stderr.decode()
+    data = json.loads(ok(daemon.tm2("place", "1M", "--json")))
+    assert {v["NAME"] for v in data} == {"local", "ssd1", "repo"}

@@ -389,8 +389,8 @@ def _attr_vs_lit(op: str, name: str, lit: _Lit) -> Test:
         def contains(attrs: Attrs) -> bool:
             v = attrs.get(name)
             cls = v.__class__
-            if cls is list and needle in v:
-                return True
+            if cls is list:
+                return needle in v or any(e.__class__ is not str and str(e) == needle for e in v)
             if cls is str:
                 return needle in v
             return _compare(op, v, lit)

@@ -16,8 +16,9 @@ Unknown totals (a driver that cannot say) are not limits.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,10 @@ class Room:
         if self.real_free is not None:
             bounds.append(int(self.real_free * self.overcommit))
         return max(0, min(bounds)) if bounds else None
+
+    def fits(self, size: int) -> bool:
+        return ((self.limit is None or self.allocated + size <= self.limit)
+                and (self.real_free is None or self.real_free * self.overcommit >= size))
 
     def refusal(self, size: int) -> str | None:
         """Why `size` more bytes do not fit, or None if they do."""
@@ -125,62 +130,108 @@ class Verdict:
     backend: Backend
     attrs: dict[str, Any]
     reason: str | None = None  # None = candidate
-    rank: tuple[float, ...] = ()
+    rank: str = ""  # what the ranking saw, for people
     matched: bool = False  # the requirements hold (whatever else filtered it)
 
     def view(self, position: int | None) -> dict[str, Any]:
         return {"ID": self.backend.id, "NAME": self.backend.name, "STATE": self.backend.state,
                 "ROLE": self.backend.role, "COST": self.backend.cost,
                 "AVAILABLE": self.attrs.get("AVAILABLE"),
-                "RANK": None if self.reason else _rank_text(self.rank),
+                "RANK": None if self.reason else self.rank,
                 "ORDER": position, "VERDICT": self.reason or "candidate"}
 
 
-def _rank_text(rank: tuple[float, ...]) -> str:
-    return ", ".join(f"{v:g}" for v in rank)
+Pool = list[tuple[Backend, dict[str, Any], Room]]
+SortKey = Callable[[Mapping[str, Any]], tuple[float, ...]]
 
 
-def _policy_key(policy: str) -> Callable[[Mapping[str, Any]], tuple[float, ...]]:
-    """Higher ranks first; an unknown AVAILABLE counts as unlimited."""
-    def avail(a: Mapping[str, Any]) -> float:
-        v = a.get("AVAILABLE")
-        return math.inf if v is None else float(v)
-
-    return {
-        "cost": lambda a: (-float(a["COST"]), avail(a)),
-        "packing": lambda a: (-avail(a),),
-        "striping": lambda a: (avail(a),),
-        "fixed": lambda a: (float(a["PRIORITY"]), avail(a)),
-    }[policy]
+def _avail(a: Mapping[str, Any]) -> float:
+    v = a["AVAILABLE"]
+    return math.inf if v is None else v
 
 
-def decide(req: Request, pool: Iterable[tuple[Backend, dict[str, Any], Room]],
-           may_use: Callable[[Backend], bool]) -> list[Verdict]:
-    """Every backend's verdict: candidates first, best rank first (ties: lowest ID), then the
-    filtered ones in pool order."""
-    key = _policy_key(req.policy)
-    candidates: list[Verdict] = []
-    rejected: list[Verdict] = []
+def _neg_avail(a: Mapping[str, Any]) -> float:
+    v = a["AVAILABLE"]
+    return -math.inf if v is None else -v
+
+
+#: sort keys, lowest first (the negation of the rank users read); unknown AVAILABLE = unlimited
+_SORT: dict[str, SortKey] = {
+    "cost": lambda a: (a["COST"], _neg_avail(a)),
+    "packing": lambda a: (_avail(a),),
+    "striping": lambda a: (_neg_avail(a),),
+    "fixed": lambda a: (-a["PRIORITY"], _neg_avail(a)),
+}
+
+
+def _describe(req: Request, key: tuple[float, ...], attrs: Mapping[str, Any]) -> str:
+    if req.rank is not None:
+        return f"{-key[0]:g}"
+    avail = f"AVAILABLE {format_size(attrs['AVAILABLE'])}"
+    return {"cost": f"COST {attrs['COST']}, {avail}", "fixed": f"PRIORITY {attrs['PRIORITY']}, {avail}"
+            }.get(req.policy, avail)
+
+
+def _sort_key(req: Request) -> SortKey:
+    if req.rank is not None:
+        value = req.rank.value
+        return lambda a: (-value(a),)
+    return _SORT[req.policy]
+
+
+def ranked(req: Request, pool: Pool,
+           may_use: Callable[[Backend], bool] | None = None) -> Iterator[Verdict]:
+    """The candidates, best first (ties: lowest ID), produced lazily. Placing an image usually
+    needs only the first: one streaming pass finds it without keeping anything alive (a list of
+    thousands of keys would wake the garbage collector over the whole pool: 4x the p99); the
+    rest are ranked only if the first could not be reserved."""
+    matches, role, size, key = req.requirements.matches, req.role, req.size, _sort_key(req)
+
+    def eligible(b: Backend, attrs: dict[str, Any], r: Room) -> bool:
+        return (b.state == "READY" and (role == "ANY" or b.role == role) and matches(attrs)
+                and r.fits(size) and (may_use is None or may_use(b)))
+
+    best: tuple[tuple[float, ...], int] | None = None
+    first = None
+    for b, attrs, r in pool:  # eligible(), inlined: this loop is the decision's whole cost
+        if (b.state == "READY" and (role == "ANY" or b.role == role) and matches(attrs)
+                and r.fits(size) and (may_use is None or may_use(b))):
+            k = (key(attrs), b.id)
+            if best is None or k < best:
+                best, first = k, (b, attrs)
+    if best is None or first is None:
+        return
+    yield Verdict(first[0], first[1], rank=_describe(req, best[0], first[1]), matched=True)
+    heap = [(key(attrs), b.id, b, attrs) for b, attrs, r in pool
+            if b.id != best[1] and eligible(b, attrs, r)]
+    heapq.heapify(heap)
+    while heap:
+        k, _, b, attrs = heapq.heappop(heap)
+        yield Verdict(b, attrs, rank=_describe(req, k, attrs), matched=True)
+
+
+def decide(req: Request, pool: Pool,
+           may_use: Callable[[Backend], bool] | None = None) -> list[Verdict]:
+    """Every backend's verdict, for explanations: the candidates in order, then the filtered
+    ones in pool order, each with its reason."""
+    candidates = list(ranked(req, pool, may_use))
+    chosen = {v.backend.id for v in candidates}
+    rejected = []
     for b, attrs, r in pool:
-        v = Verdict(b, attrs)
+        if b.id in chosen:
+            continue
+        v = Verdict(b, attrs, matched=req.requirements.matches(attrs))
         if b.state != "READY":
             v.reason = f"state is {b.state}" + (f" ({b.error})" if b.error else "")
         elif req.role != "ANY" and b.role != req.role:
             v.reason = f"role is {b.role}, not {req.role}"
-        elif not may_use(b):
+        elif may_use is not None and not may_use(b):
             v.reason = "permission denied (no write access to the backend directory)"
-        if req.requirements.matches(attrs):
-            v.matched = True
-        elif v.reason is None:
+        elif not v.matched:
             v.reason = f"requirements: {req.requirements.explain(attrs)}"
-        if v.reason is None:
-            v.reason = r.refusal(req.size)
-        if v.reason is None:
-            v.rank = (req.rank.value(attrs),) if req.rank else key(attrs)
-            candidates.append(v)
         else:
-            rejected.append(v)
-    candidates.sort(key=lambda v: (tuple(-x for x in v.rank), v.backend.id))
+            v.reason = r.refusal(req.size) or "filtered"
+        rejected.append(v)
     return candidates + rejected
 
 

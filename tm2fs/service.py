@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 STATES = ("INIT", "READY", "DISABLED", "ERROR")
 ROLES = ("SAN", "REPOSITORY")
 COPY_CHUNK = 4 * 2**20
+SNAPSHOT_TTL = 1.0  # seconds: how stale placement's view of other hosts' changes may be
 # errnos that mean the backend itself is in trouble (not the request)
 BACKEND_FAULTS = {errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                   errno.ECONNREFUSED, errno.ECONNRESET, errno.ENETUNREACH, errno.ENODEV}
@@ -130,6 +131,8 @@ class Service:
         self.mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self._runtime: dict[int, BackendRuntime] = {}
         self._backends: dict[int, Backend] = {}
+        #: placement's snapshot: (taken at, pool, attribute names); see _placement_pool
+        self._pool_cache: tuple[float, placement.Pool, set[str]] | None = None
         self._open: dict[int, OpenImage] = {}  # by image id
         self._open_ino: dict[int, OpenImage] = {}  # the same, by inode (the kernel's getattr)
         #: images whose last close is still running: an open waits, or it could read the backend
@@ -145,7 +148,11 @@ class Service:
 
     def _reload(self) -> None:
         with self.store.read() as tx:
-            self._backends = {b.id: b for b in tx.backends()}
+            backends = {b.id: b for b in tx.backends()}
+        if backends.keys() != self._backends.keys() or any(
+                b is not self._backends[i] for i, b in backends.items()):
+            self._pool_cache = None  # a backend changed (state, capacity, attributes...)
+        self._backends = backends
         for bid in list(self._runtime):
             if bid not in self._backends:
                 del self._runtime[bid]
@@ -736,13 +743,16 @@ class Service:
             if why:
                 raise err.NoSpace(f"backend {b.name} cannot take {format_size(size)} more: {why}",
                                   "free space, raise OVERCOMMIT or CAPACITY, or use auto: placement")
-            return tx.insert_reservation(b.id, size, self.host)
+            reservation = tx.insert_reservation(b.id, size, self.host)
+        self._pool_changed(backend_id, size)
+        return reservation
 
     def _unreserve(self, reservation: int | None) -> None:
         """Give a promise back (a failed create); gone already is fine."""
         if reservation is not None:
             with self.store.begin() as tx:
                 tx.delete_reservation(reservation)
+            self._pool_cache = None
 
     def _fits(self, b: Backend, size: int) -> None:
         limit = b.total if b.capacity is None else min(b.capacity, b.total or b.capacity)
@@ -792,6 +802,7 @@ class Service:
     async def _delete_data(self, b: Backend, key: str) -> None:
         """After the rows are gone: a failure here leaves a key that reconcile() sweeps."""
         self.stale.add(b.id)
+        self._pool_cache = None
         try:
             async with self._call(b, "delete") as driver:
                 await driver.delete(key)
@@ -1208,39 +1219,73 @@ class Service:
               requirements: str | None = None, rank: str | None = None,
               policy: str | None = None, reserve: bool = False,
               ) -> tuple[list[placement.Verdict], Backend | None, int | None]:
-        """Choose a backend for a new image of `size`: every backend's verdict, and with
-        `reserve` the chosen backend and the reservation that holds its space. The decision
-        is made on a snapshot; the reservation re-checks under the backend's lock, and if another
-        placement got there first the next candidate is tried."""
+        """Choose a backend for a new image of `size`. Without `reserve`: every backend's
+        verdict (the explanation). With it: the chosen backend and the reservation holding its
+        space. The decision is made on a snapshot of the pool (at most SNAPSHOT_TTL old, with
+        this daemon's own reservations applied); the reservation re-checks under the backend's
+        lock, and if another host got there first the next candidate is tried."""
         size = parse_size(size)
-        self._reload()
-        backends = list(self._backends.values())
-        known = {*placement.ATTRIBUTES, *(str(k).upper() for b in backends for k in b.attrs)}
+        pool, known = self._placement_pool()
         req = placement.request(size, role, requirements, rank, policy, known)
-        with self.store.read() as tx:
-            counters = tx.counters()
-            allocated = tx.allocated_all()
-            roots = {} if caller.is_root else {b.id: tx.node(b.root_ino) for b in backends}
-        pool = []
-        for b in backends:
-            r = placement.room(b, allocated.get(b.id, 0))
-            nbimage, nbvm, _ = counters.get(b.id, (0, 0, 0))
-            pool.append((b, placement.attributes(b, r, nbimage, nbvm), r))
-        verdicts = placement.decide(req, pool, lambda b: self._may(caller, roots.get(b.id), 3))
+        may_use = None
+        if not caller.is_root:
+            with self.store.read() as tx:
+                roots = {b.id: tx.node(b.root_ino) for b, _, _ in pool}
+            may_use = lambda b: self._may(caller, roots.get(b.id), 3)  # noqa: E731
         if not reserve:
-            return verdicts, None, None
-        for v in verdicts:
-            if v.reason is not None:
-                break
+            return placement.decide(req, pool, may_use), None, None
+        for v in placement.ranked(req, pool, may_use):
             try:
                 reservation = self._reserve(v.backend.id, size)
-            except err.NoSpace as e:
-                v.reason = f"taken meanwhile: {e.message}"
+            except err.NoSpace:
+                self._pool_cache = None  # the snapshot promised room another host took
                 continue
             log.info("placed %s on backend %s (%s)", format_size(size), v.backend.name,
                      req.ranking)
-            return verdicts, v.backend, reservation
+            return [v], v.backend, reservation
+        verdicts = placement.decide(req, self._placement_pool()[0], may_use)
         raise placement.no_room(req, [v for v in verdicts if v.reason is not None])
+
+    def _placement_pool(self) -> tuple[placement.Pool, set[str]]:
+        """Backends as placement sees them, and every attribute name expressions may use."""
+        cached = self._pool_cache
+        if cached is not None and time.monotonic() - cached[0] < SNAPSHOT_TTL:
+            return cached[1], cached[2]
+        self._reload()
+        backends = list(self._backends.values())
+        with self.store.read() as tx:
+            counters = tx.counters()
+            allocated = tx.allocated_all()
+        before = {entry[0].id: entry for entry in cached[1]} if cached else {}
+        pool = []
+        for b in backends:
+            nbimage, nbvm, _ = counters.get(b.id, (0, 0, 0))
+            old = before.get(b.id)
+            if (old is not None and old[0] is b and old[2].allocated == allocated.get(b.id, 0)
+                    and old[1]["NBIMAGE"] == nbimage and old[1]["NBVM"] == nbvm):
+                pool.append(old)  # nothing changed: no new dict for it
+                continue
+            r = placement.room(b, allocated.get(b.id, 0))
+            pool.append((b, placement.attributes(b, r, nbimage, nbvm), r))
+        known = {*placement.ATTRIBUTES, *(str(k).upper() for b in backends for k in b.attrs)}
+        self._pool_cache = (time.monotonic(), pool, known)
+        return pool, known
+
+    def _pool_changed(self, backend_id: int, reserved: int) -> None:
+        """Keep the placement snapshot true to this daemon's own changes: a reservation is
+        applied in place (bursts of placements need no re-read); anything else drops it."""
+        cached = self._pool_cache
+        if cached is None:
+            return
+        if reserved <= 0:
+            self._pool_cache = None
+            return
+        pool = cached[1]
+        for i, (b, attrs, r) in enumerate(pool):
+            if b.id == backend_id:
+                r = placement.room(b, r.allocated + reserved)
+                pool[i] = (b, {**attrs, "ALLOCATED": r.allocated, "AVAILABLE": r.available}, r)
+                return
 
     def explain(self, caller: Caller, size: int | str, **options: Any) -> list[dict[str, Any]]:
         """Every backend's verdict for a new image of `size`, in order: the dry run of placement."""

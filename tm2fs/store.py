@@ -201,7 +201,22 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+_decoded: dict[tuple, Backend] = {}  # row -> Backend: a pool of 10,000 backends re-reads in ms
+
+
 def _backend(row: Any) -> Backend:
+    """Rows decode once: an unchanged row gives the very same (immutable) Backend, so JSON is
+    parsed only for rows that changed, and callers can tell 'unchanged' by identity."""
+    raw = tuple(row)
+    b = _decoded.get(raw)
+    if b is None:
+        if len(_decoded) > 100_000:
+            _decoded.clear()
+        b = _decoded[raw] = _decode_backend(row)
+    return b
+
+
+def _decode_backend(row: Any) -> Backend:
     m = row._mapping
     return Backend(
         **{k: m[k] for k in ("id", "name", "state", "tm", "capacity", "total", "free", "used",
