@@ -142,7 +142,7 @@ async def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
         # the startup reconcile fixed exactly one thing: the size the tail extended
         m = re.findall(r"reconcile at start: (\{.*\})", tree.logs())
         assert ast.literal_eval(m[-1]) == {"orphans": 0, "leftovers": 0, "sizes": 1, "links": 0,
-                                                  "reservations": 0}
+                                                  "reservations": 0, "leases": 0}
         data = (tree.mnt / "local" / "img").read_bytes()
         assert data[:len(synced)] == synced
         assert data[len(synced):] == tail  # the dir backend kept the acknowledged write
@@ -158,7 +158,7 @@ async def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
     try:
         service = Service(store, tree.state_dir, host="testhost", mountpoint=str(tree.mnt))
         assert await service.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0,
-                                           "reservations": 0}
+                                           "reservations": 0, "leases": 0}
         counts = {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in service.list_backends()}
         assert counts == {"local": (1, 1)}
     finally:

@@ -298,7 +298,8 @@ def test_v1_store_is_migrated(store_url: str) -> None:
         tx.insert_backend(name="old", tm="dir", root_ino=0)
         for column in ("overcommit", "reserved", "priority"):
             tx.c.exec_driver_sql(f"ALTER TABLE storagebackend_pool DROP COLUMN {column}")
-        tx.c.exec_driver_sql("DROP TABLE reservation")
+        for table in ("reservation", "host", "host_backend", "lease"):
+            tx.c.exec_driver_sql(f"DROP TABLE {table}")
         tx.c.exec_driver_sql("UPDATE schema_info SET version = 1")
     s.close()
     s = PoolStore(store_url)

@@ -333,11 +333,11 @@ async def test_reconcile_after_crash(service: Service, store: PoolStore, tmp_pat
     fresh = Service(store, tmp_path / "state", host="testhost")
     fixed = await fresh.reconcile()
     assert fixed == {"orphans": 1, "leftovers": 1, "sizes": 1, "links": 0,
-                     "reservations": 0}
+                     "reservations": 0, "leases": 0}
     assert fresh.get_size("local:kept", ROOT) == 4096
     assert sorted(os.listdir(backing)) == [service.image_info("local:kept", ROOT)["KEY"]]
     assert await fresh.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0,
-                                           "reservations": 0}
+                                           "reservations": 0, "leases": 0}
 
 
 async def test_statfs(service: Service) -> None:

@@ -7,6 +7,7 @@ import stat
 import pytest
 import sqlalchemy as sa
 
+from tm2fs import errors as err
 from tm2fs import store as st
 from tm2fs.store import ROOT_INO, PoolStore
 
@@ -36,7 +37,7 @@ def test_reopen_keeps_data_and_next_ino_is_fresh(store_url: str) -> None:
 def test_unique_names_per_directory(store: PoolStore) -> None:
     with store.begin() as tx:
         tx.insert_node(parent=ROOT_INO, name="x", backend_id=None, mode=stat.S_IFDIR, uid=0, gid=0)
-    with pytest.raises(sa.exc.IntegrityError), store.begin() as tx:
+    with pytest.raises(err.Exists), store.begin() as tx:
         tx.insert_node(parent=ROOT_INO, name="x", backend_id=None, mode=stat.S_IFDIR, uid=0, gid=0)
     with store.read() as tx:
         assert [n.name for n in tx.children(ROOT_INO)] == ["x"]

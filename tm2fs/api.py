@@ -247,6 +247,19 @@ async def _write_chunk(svc: Service, of: Any, offset: int, data: bytes) -> int:
     return offset + len(data)
 
 
+@route("POST", "/v1/images/break-lease", "Break the write lease of a host that died holding it",
+       body=("address", "force"))
+async def break_lease(svc: Service, req: Request) -> Any:
+    data = await _object(req)
+    return svc.break_lease(_arg(data, "address"), caller_of(req), force=_flag(data.get("force")))
+
+
+@route("GET", "/v1/hosts", "The hosts sharing the pool: heartbeat, leases, each one's view of "
+       "the backends")
+async def list_hosts(svc: Service, req: Request) -> Any:
+    return svc.list_hosts()
+
+
 @route("GET", "/v1/images/localpath", "Where the image's bytes are on this host, if anywhere",
        query=("address",))
 async def local_path(svc: Service, req: Request) -> Any:

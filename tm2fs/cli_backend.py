@@ -186,11 +186,14 @@ def show(backend: str, fmt: str | None) -> None:
         raise InvalidArgument("show has no CSV form", "use --json or -x")
     click.echo(f"STORAGE BACKEND {data['ID']} INFORMATION")
     attrs = [{"ATTRIBUTE": k, "VALUE": v} for k, v in data.items()
-             if k not in ("IMAGES", "ATTACHMENTS", "TM_RAW", "ATTRS")]
+             if k not in ("IMAGES", "ATTACHMENTS", "TM_RAW", "ATTRS", "HOSTS")]
     print_table(attrs, ["ATTRIBUTE", "VALUE"], header=False)
     click.echo("TM_RAW")
     print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data["TM_RAW"].items()],
                 ["ATTRIBUTE", "VALUE"], header=False)
+    if data.get("HOSTS"):
+        click.echo("SEEN BY HOSTS")
+        print_table([{"HOST": h, "STATE": v} for h, v in data["HOSTS"].items()], ["HOST", "STATE"])
     if data["ATTRS"]:
         click.echo("ATTRIBUTES")
         print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data["ATTRS"].items()],
@@ -237,6 +240,28 @@ def update(backend: str, template: str | None, append: bool, **options: Any) -> 
     if not spec:
         raise InvalidArgument("nothing to update", "give a template file or options")
     _client().call("PATCH", f"/v1/backends/{backend}", spec)
+
+
+
+@main.command()
+@output_options
+def hosts(fmt: str | None) -> None:
+    """List the hosts (tm2fs daemons) sharing the pool: alive or not, and what each sees.
+
+    A host whose heartbeat is older than 10 s is UNREACHABLE; its write leases may then be
+    broken with `tm2 break-lease`. BACKENDS is each host's own monitor's view.
+    """
+    rows = _client().call("GET", "/v1/hosts")
+    if fmt == "json":
+        click.echo(to_json(rows))
+    elif fmt == "xml":
+        click.echo(to_xml(rows))
+    elif fmt == "csv":
+        click.echo(to_csv(rows, ["NAME", "STATE", "HEARTBEAT_AGE", "LEASES", "MOUNTPOINT"]), nl=False)
+    else:
+        for r in rows:
+            r["BACKENDS"] = " ".join(f"{k}:{v}" for k, v in r["BACKENDS"].items())
+        print_table(rows, ["NAME", "STATE", "HEARTBEAT_AGE", "LEASES", "MOUNTPOINT", "BACKENDS"])
 
 
 if __name__ == "__main__":

@@ -345,6 +345,20 @@ def detach(image: str, path: str) -> None:
         raise Tm2Error(f"{path} is not a link")
 
 
+@main.command("break-lease")
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.option("--force", is_flag=True, help="break it even if the holding host looks alive")
+def break_lease(image: str, force: bool) -> None:
+    """Take IMAGE's write lease from a host that died holding it (root; logged).
+
+    An image is writable on one host at a time: an open for writing or an attachment takes its
+    lease. When that host's daemon is dead (`onestoragebackend hosts` shows it UNREACHABLE after
+    10 s without a heartbeat), break the lease and open the image elsewhere.
+    """
+    data = _client().call("POST", "/v1/images/break-lease", {"address": image, "force": force})
+    click.echo(f"broke the lease of {image} held by {data['HOLDER']}")
+
+
 @main.command()
 @click.argument("image", callback=lambda c, p, v: _check_address(v))
 @click.option("--json", "as_json", is_flag=True, help="print JSON")

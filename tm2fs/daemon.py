@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="this hypervisor's name in the pool (default: the hostname)")
     p.add_argument("--monitor-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often every backend's capacity and state is refreshed")
+    p.add_argument("--host-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a host without a heartbeat this long is presumed dead: its write leases "
+                        "may be broken (default: %(default)s; heartbeats every 2 s)")
     p.add_argument("--no-default-backend", action="store_true",
                    help="do not create the `local` directory backend in an empty pool")
     p.add_argument("-f", "--foreground", action="store_true", default=True,
@@ -113,7 +116,7 @@ def is_mounted(path: Path) -> bool:
 
 
 async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
-    from . import api, fs, monitor
+    from . import api, fs, hosts, monitor
     from .service import Service
 
     state_dir = Path(args.state_dir).absolute()
@@ -122,6 +125,8 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
     prepare_mountpoint(mountpoint)
     store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
     service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint))
+    service.host_timeout = args.host_timeout
+    service.register_host()
     await service.monitor_all()
     log.info("reconcile at start: %s", await service.reconcile())
     if not args.no_default_backend:
@@ -130,6 +135,7 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
     clean = False
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(store.close)
+        stack.callback(lambda: clean and service.unregister_host())  # a crash: heartbeat stops
         stack.push_async_callback(service.stop)
         pyfuse3.init(fs.Operations(service), str(mountpoint), fs.mount_options())
         # Unmount only on a clean stop; after a crash the mount stays (ENOTCONN).
@@ -137,6 +143,8 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(api.serve, service, args.socket)
         nursery.start_soon(monitor.run, service, args.monitor_interval)
+        nursery.start_soon(hosts.heartbeat, service)
+        await nursery.start(hosts.listen, service)
         nursery.start_soon(_stop_on_signals)
         log.info("tm2fs %s: pool mounted at %s, control socket %s, host %s", __version__,
                  mountpoint, args.socket, args.host)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import json
 import logging
 import os
 import posixpath
@@ -31,8 +32,8 @@ from typing import Any
 
 import trio
 
+from . import __version__, placement
 from . import errors as err
-from . import placement
 from .drivers import driver_class
 from .drivers.base import Capacity, Driver, Handle, Progress
 from .names import AUTO, check_backend_name, check_name, parse_address
@@ -45,6 +46,8 @@ STATES = ("INIT", "READY", "DISABLED", "ERROR")
 ROLES = ("SAN", "REPOSITORY")
 COPY_CHUNK = 4 * 2**20
 SNAPSHOT_TTL = 1.0  # seconds: how stale placement's view of other hosts' changes may be
+HEARTBEAT = 2.0  # seconds between a daemon's signs of life in the pool store
+HOST_TIMEOUT = 10.0  # a host silent this long is presumed dead: its write leases may be broken
 # errnos that mean the backend itself is in trouble (not the request)
 BACKEND_FAULTS = {errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                   errno.ECONNREFUSED, errno.ECONNRESET, errno.ENETUNREACH, errno.ENODEV}
@@ -142,6 +145,10 @@ class Service:
         self.stale: set[int] = set()
         #: called with (ino, parent_ino, name) after a change not made through the mount
         self.listeners: list[Callable[[int | None, int | None, str | None], None]] = []
+        #: write leases (one writing host per image) matter only where hosts share the store
+        self.leases = store.shared
+        self.host_timeout = HOST_TIMEOUT
+        self._writers: dict[int, int] = {}  # image id -> files open for writing on this host
         self._reload()
 
     # ------------------------------------------------------------------ backends: runtime
@@ -258,10 +265,147 @@ class Service:
 
     def _changed(self, ino: int | None, parent: int | None, name: str | None,
                  caller: Caller | None = None) -> None:
+        """After a change: the other hosts hear of it; this host's kernel too, unless it made it."""
+        if self.store.shared:
+            self.store.notify(json.dumps({"h": self.host, "i": ino, "p": parent, "n": name}))
         if caller is not None and caller.origin == "fs":
             return  # the kernel made this change itself: its caches are right
         for listener in self.listeners:
             listener(ino, parent, name)
+
+    def remote_change(self, payload: str) -> None:
+        """Another host changed the pool: drop what this host caches of it (the kernel's entries
+        and attributes, open images' sizes, the backends, placement's snapshot)."""
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        if data.get("h") == self.host:
+            return
+        ino, parent, name = data.get("i"), data.get("p"), data.get("n")
+        self._pool_cache = None
+        roots = {b.root_ino for b in self._backends.values()}
+        if parent == ROOT_INO or ino in roots or ino == ROOT_INO:
+            self._reload()
+        oi = self._open_ino.get(ino) if ino is not None else None
+        if oi is not None and not oi.dirty:
+            with self.store.read() as tx:
+                im, n = tx.image(oi.image_id), tx.node(oi.ino)
+            if im is not None and n is not None:
+                oi.size, oi.node, oi.mtime_ns = im.size, n, n.mtime_ns
+        for listener in self.listeners:
+            listener(ino, parent, name)
+
+    # ------------------------------------------------------------------ hosts and write leases
+
+    def register_host(self) -> None:
+        t = time.time()
+        with self.store.begin() as tx:
+            tx.upsert_host(self.host, state="ONLINE", heartbeat=t, started=t,
+                           mountpoint=self.mountpoint, version=__version__)
+
+    def heartbeat(self) -> None:
+        with self.store.begin() as tx:
+            tx.upsert_host(self.host, state="ONLINE", heartbeat=time.time())
+
+    def unregister_host(self) -> None:
+        """A clean stop: OFFLINE, and the leases of open files go (attachments keep theirs)."""
+        with self.store.begin() as tx:
+            tx.upsert_host(self.host, state="OFFLINE", heartbeat=time.time())
+            attached = {a.image_id for a in tx.attachments(host=self.host)}
+            for image_id, _, _ in tx.leases(holder=self.host):
+                if image_id not in attached:
+                    tx.delete_lease(image_id, self.host)
+
+    def list_hosts(self) -> list[dict[str, Any]]:
+        """Every host of the pool: alive or not, what it sees of each backend, leases held."""
+        now = time.time()
+        with self.store.read() as tx:
+            hosts = tx.hosts()
+            views = tx.host_backends()
+            leases = tx.leases()
+        names = {b.id: b.name for b in self._backends.values()}
+        out = []
+        for h in hosts:
+            age = now - h["heartbeat"]
+            out.append({
+                "NAME": h["name"], "STATE": h["state"] if h["state"] != "ONLINE" or
+                age < self.host_timeout else "UNREACHABLE", "HEARTBEAT_AGE": round(age, 1),
+                "MOUNTPOINT": h["mountpoint"], "VERSION": h["version"], "STARTED": h["started"],
+                "BACKENDS": {names.get(v["backend_id"], v["backend_id"]): v["state"]
+                             for v in views if v["host"] == h["name"]},
+                "LEASES": sum(1 for _, holder, _ in leases if holder == h["name"]),
+            })
+        return out
+
+    def _holder_alive(self, tx: Tx, holder: str) -> tuple[bool, str]:
+        beat = tx.host_heartbeat(holder)
+        if beat is None:
+            return False, "an unknown host"
+        age = time.time() - beat
+        return age < self.host_timeout, f"last heartbeat {age:.0f} s ago"
+
+    def _lease(self, tx: Tx, image_id: int, holder: str, name: str) -> None:
+        """Take (or keep) an image's write lease for `holder`, inside the caller's transaction."""
+        if not self.leases:
+            return
+        current = tx.lease(image_id)
+        if current is None:
+            tx.insert_lease(image_id, holder)
+            return
+        if current[0] == holder:
+            return
+        alive, beat = self._holder_alive(tx, current[0])
+        raise err.Busy(f"{name} is being written on host {current[0]} ({beat})",
+                       "open it read-only, or wait" if alive else
+                       f"if {current[0]} is dead: `tm2 break-lease` (logged), then retry")
+
+    def _acquire(self, image_id: int, name: str) -> None:
+        """The write lease for this host; two hosts racing for it: one gets Busy."""
+        try:
+            with self.store.begin() as tx:
+                self._lease(tx, image_id, self.host, name)
+        except err.Exists:
+            raise err.Busy(f"{name} is being opened for writing on another host") from None
+
+    def _release_writer(self, image_id: int) -> None:
+        left = self._writers.get(image_id, 0) - 1
+        if left > 0:
+            self._writers[image_id] = left
+            return
+        self._writers.pop(image_id, None)
+        with self.store.begin() as tx:
+            if not tx.attachments(image_id=image_id, host=self.host):
+                tx.delete_lease(image_id, self.host)
+
+    def _not_leased_elsewhere(self, tx: Tx, image_id: int, name: str) -> None:
+        """Resizing or deleting an image another host writes would pull it from under it."""
+        if self.leases:
+            current = tx.lease(image_id)
+            if current is not None and current[0] != self.host:
+                alive, beat = self._holder_alive(tx, current[0])
+                raise err.Busy(f"{name} is being written on host {current[0]} ({beat})",
+                               None if alive else "`tm2 break-lease` if that host is dead")
+
+    def break_lease(self, address: str, caller: Caller, force: bool = False) -> dict[str, Any]:
+        """Take the write lease from a host that died holding it (or, with force, from any)."""
+        self._require_root(caller, "break write leases")
+        _, n = self._image_node(address, caller)
+        with self.store.begin() as tx:
+            current = tx.lease(n.image_id)  # type: ignore[arg-type]
+            if current is None:
+                raise err.NotFound(f"{address} has no write lease")
+            holder, since = current
+            alive, beat = self._holder_alive(tx, holder)
+            if holder == self.host and self._writers.get(n.image_id):  # type: ignore[arg-type]
+                raise err.Busy(f"{address} is open for writing on this host")
+            if alive and not force:
+                raise err.Busy(f"host {holder} holding {address} is alive ({beat})",
+                               "stop the writer there; --force breaks it anyway")
+            tx.delete_lease(n.image_id)  # type: ignore[arg-type]
+        log.warning("broke the write lease of %s held by host %s since %s (%s)", address, holder,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)), beat)
+        return {"IMAGE": address, "HOLDER": holder, "SINCE": since}
 
     # ------------------------------------------------------------------ backends: admin
 
@@ -506,6 +650,8 @@ class Service:
             except (OSError, trio.TooSlowError, err.Tm2Error) as e:
                 reason = (f"monitor timed out after {b.timeout:g}s"
                           if isinstance(e, trio.TooSlowError) else f"monitor: {e}")
+                with self.store.begin() as tx:
+                    tx.set_host_backend(self.host, b.id, "ERROR", reason)
                 if b.state != "ERROR" or b.error != reason:
                     self._set_error(b, reason)
                 return
@@ -517,6 +663,7 @@ class Service:
             state = "DISABLED" if current.state == "DISABLED" else "READY"
             tx.update_backend(b.id, state=state, error=None, total=total, free=free, used=used,
                               monitored=time.time(), updated=current.updated)
+            tx.set_host_backend(self.host, b.id, "READY", None)
         if b.state == "ERROR":
             log.info("backend %s (%d) is READY again", b.name, b.id)
         self._reload()
@@ -557,6 +704,8 @@ class Service:
             counters = tx.counters().get(b.id, (0, 0, 0))
             view = _backend_view(b, tx.node(b.root_ino), counters, tx.allocated(b.id))
             if detail:
+                view["HOSTS"] = {v["host"]: v["state"] for v in tx.host_backends()
+                                 if v["backend_id"] == b.id}
                 view["IMAGES"] = [self._image_view(tx, im) for im in tx.images(b.id)]
                 view["ATTACHMENTS"] = [_attachment_view(a) for a in tx.attachments(backend_id=b.id)]
         return view
@@ -701,9 +850,8 @@ class Service:
                 p, b = self._dir_for_change(tx, parent, caller)
                 if tx.child(parent, name):
                     raise err.Exists(f"{name} exists")
-            if reservation is None:
-                reservation = self._reserve(b.id, size)
             key = uuid.uuid4().hex
+            reservation = self._reserve(b.id, size, key, reservation)
             async with self._call(b, "allocate") as driver:
                 await driver.allocate(key, size)
         except BaseException:
@@ -731,10 +879,17 @@ class Service:
         self._changed(parent, parent, name, caller)
         return attr
 
-    def _reserve(self, backend_id: int, size: int) -> int:
+    def _reserve(self, backend_id: int, size: int, key: str | None = None,
+                 placed: int | None = None) -> int:
         """Promise `size` bytes of a backend's virtual space, atomically: the check and the
         promise are one transaction holding the backend's row, so concurrent creates (other
-        processes, other hosts) can never together pass its limits."""
+        processes, other hosts) can never together pass its limits. `key` names the data being
+        made (no host's sweep takes it for a leftover); `placed`: placement reserved already."""
+        if placed is not None:
+            if key is not None:
+                with self.store.begin() as tx:
+                    tx.set_reservation_key(placed, key)
+            return placed
         with self.store.begin() as tx:
             b = tx.lock_backend(backend_id)
             if b is None:
@@ -743,7 +898,7 @@ class Service:
             if why:
                 raise err.NoSpace(f"backend {b.name} cannot take {format_size(size)} more: {why}",
                                   "free space, raise OVERCOMMIT or CAPACITY, or use auto: placement")
-            reservation = tx.insert_reservation(b.id, size, self.host)
+            reservation = tx.insert_reservation(b.id, size, self.host, key)
         self._pool_changed(backend_id, size)
         return reservation
 
@@ -771,6 +926,7 @@ class Service:
             im = None
             if n.image_id is not None:
                 self._check_detached(tx, n, name, caller)
+                self._not_leased_elsewhere(tx, n.image_id, name)
                 im = tx.image(n.image_id)
                 oi = self._open.get(n.image_id)
                 if oi is not None:
@@ -781,6 +937,7 @@ class Service:
             link = tx.attachment_by_link(n.ino)
             if link:
                 tx.delete_attachment(link.id)
+                self._drop_attachment_lease(tx, link.image_id, link.host)
             tx.delete_node(n.ino)
             t = now_ns()
             tx.update_node(parent, mtime_ns=t, ctime_ns=t)
@@ -867,6 +1024,7 @@ class Service:
                 link = tx.attachment_by_link(old.ino)
                 if link:
                     tx.delete_attachment(link.id)
+                    self._drop_attachment_lease(tx, link.image_id, link.host)
                 tx.delete_node(old.ino)
             elif old is not None:
                 return  # rename onto itself
@@ -907,6 +1065,7 @@ class Service:
                 stale = tx.attachment_at(self.host, path)
                 if stale:
                     tx.delete_attachment(stale.id)
+                self._lease(tx, img.image_id, self.host, img.name)  # type: ignore[arg-type]
                 tx.insert_attachment(img.image_id, self.host, path, link_ino=ino)  # type: ignore[arg-type]
                 log.info("attached image %d at %s", img.image_id, path)
             attr = self._attr(tx, self._get(tx, ino))
@@ -989,6 +1148,8 @@ class Service:
             raise err.InvalidArgument(f"size {size} is out of range")
         with self.store.read() as tx:
             im = tx.image(n.image_id)  # type: ignore[arg-type]
+            if im is not None and n.image_id not in self._writers:
+                self._not_leased_elsewhere(tx, im.id, n.name)
         assert im is not None
         # growth is promised like a new image; the promise ends once the new size is committed
         reservation = self._reserve(b.id, size - im.size) if size > im.size else None
@@ -1039,6 +1200,19 @@ class Service:
         assert im is not None
         b = self._backend(im.backend_id)
         self._usable(b, write=writable or truncate)
+        if writable and self.leases:
+            if not self._writers.get(im.id):
+                self._acquire(im.id, n.name)
+            self._writers[im.id] = self._writers.get(im.id, 0) + 1
+        try:
+            return await self._open_image(b, im, n, caller, writable, truncate, append)
+        except BaseException:
+            if writable and self.leases:
+                self._release_writer(im.id)
+            raise
+
+    async def _open_image(self, b: Backend, im: Image, n: Node, caller: Caller, writable: bool,
+                          truncate: bool, append: bool) -> OpenFile:
         oi = self._open.get(im.id)
         if oi is None:
             async with self._call(b, "open") as driver:
@@ -1097,6 +1271,8 @@ class Service:
             tx.set_image_size(oi.image_id, oi.size)
             tx.update_node(oi.ino, mtime_ns=oi.mtime_ns, ctime_ns=oi.mtime_ns)
         oi.dirty = False
+        if self.store.shared:  # other hosts' kernels cache the old size
+            self.store.notify(json.dumps({"h": self.host, "i": oi.ino}))
 
     async def flush(self, of: OpenFile) -> None:
         """close(2): the size and times reach the pool store (the data's durability is fsync's)."""
@@ -1113,6 +1289,8 @@ class Service:
         oi = of.image
         if of.writable and of.origin != "fs":
             self._changed(oi.ino, None, None)  # the mount's cached size and pages are stale
+        if of.writable and self.leases:
+            self._release_writer(oi.image_id)
         oi.refs -= 1
         if oi.refs > 0:
             return
@@ -1373,9 +1551,8 @@ class Service:
         if sb.id != db.id:
             return await self._copy_across(src, sn, dst, parent, name, caller, progress,
                                            reservation)
-        if reservation is None:
-            reservation = self._reserve(db.id, size)
         key = uuid.uuid4().hex
+        reservation = self._reserve(db.id, size, key, reservation)
         try:
             async with self._call(sb, "clone") as driver:
                 await driver.clone(im.key, key, progress)
@@ -1476,6 +1653,7 @@ class Service:
             if tx.attachment_at(host, path):
                 raise err.Exists(f"{path} on {host} is already an attachment",
                                  "detach it first")
+            self._lease(tx, n.image_id, host, address)  # type: ignore[arg-type]
             aid = tx.insert_attachment(n.image_id, host, posixpath.normpath(path))  # type: ignore[arg-type]
         log.info("attached %s at %s:%s", address, host, path)
         return {"ID": aid, "IMAGE": address, "HOST": host, "PATH": path}
@@ -1491,7 +1669,14 @@ class Service:
             if a.link_ino is not None:
                 raise err.Busy(f"{path} is a link on the mount", "remove the link: rm PATH")
             tx.delete_attachment(a.id)
+            self._drop_attachment_lease(tx, a.image_id, host)
         log.info("detached %s from %s:%s", address, host, path)
+
+    def _drop_attachment_lease(self, tx: Tx, image_id: int, host: str) -> None:
+        """The lease goes with the host's last attachment, unless it still writes the image."""
+        if (self.leases and not tx.attachments(image_id=image_id, host=host)
+                and not (host == self.host and self._writers.get(image_id))):
+            tx.delete_lease(image_id, host)
 
     def local_path(self, address: str, caller: Caller) -> str | None:
         """Where the image's bytes can be reached on this host without the mount, if anywhere."""
@@ -1504,7 +1689,8 @@ class Service:
 
     async def reconcile(self) -> dict[str, int]:
         """After a crash: drop unnamed images, sweep unknown keys, true sizes, stale links."""
-        fixed = {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0, "reservations": 0}
+        fixed = {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0, "reservations": 0,
+                 "leases": 0}
         with self.store.begin() as tx:
             for rid, *_ in tx.reservations(host=self.host):  # creates cut short by the crash
                 tx.delete_reservation(rid)
@@ -1516,6 +1702,12 @@ class Service:
                 if a.link_ino is not None and tx.node(a.link_ino) is None:
                     tx.delete_attachment(a.id)
                     fixed["links"] += 1
+            # no file is open after a restart: the leases of this host's attachments remain
+            attached = {a.image_id for a in tx.attachments(host=self.host)}
+            for image_id, _, _ in tx.leases(holder=self.host):
+                if image_id not in attached:
+                    tx.delete_lease(image_id, self.host)
+                    fixed["leases"] += 1
         for im in orphans:
             b = self._backends.get(im.backend_id)
             if b:
@@ -1528,8 +1720,11 @@ class Service:
                 async with self._call(b, "reconcile") as driver:
                     keys = await driver.keys()
                     with self.store.read() as tx:
+                        # creates in progress on any host first: one that commits between the
+                        # two reads is then seen in one or the other, never in neither
+                        known = tx.reserved_keys(b.id)
                         images = tx.images(b.id)
-                    known = {im.key for im in images}
+                    known |= {im.key for im in images}
                     for key in keys or []:
                         if key not in known and _is_key(key):
                             await driver.delete(key)

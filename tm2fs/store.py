@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 ROOT_INO = 1
+CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
 
@@ -106,13 +107,41 @@ reservation = sa.Table(
     sa.Column("backend_id", sa.Integer, nullable=False, index=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("key", sa.String(255)),  # the key being made, so no sweep takes it for a leftover
     sa.Column("created", sa.Float, nullable=False),
 )
 
 
+host = sa.Table(
+    "host", meta,  # every daemon (hypervisor) sharing the pool store
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # ONLINE, OFFLINE (a clean stop)
+    sa.Column("heartbeat", sa.Float, nullable=False),  # time.time() of the last sign of life
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("mountpoint", sa.Text),
+    sa.Column("version", sa.String(64)),
+)
+
+host_backend = sa.Table(
+    "host_backend", meta,  # each host's own view of each backend, from its monitor
+    sa.Column("host", sa.String(255), primary_key=True),
+    sa.Column("backend_id", sa.Integer, primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("checked", sa.Float, nullable=False),
+)
+
+lease = sa.Table(
+    "lease", meta,  # the one host that may write an image (an open for writing, an attachment)
+    sa.Column("image_id", sa.Integer, primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False, index=True),
+    sa.Column("since", sa.Float, nullable=False),
+)
+
+
 def _v1_to_v2(c: sa.Connection) -> None:
-    """Placement: overcommit ratio, reserved share and priority per backend (the reservation
-    table itself is new, so create_all has made it)."""
+    """Placement and many hosts: overcommit ratio, reserved share and priority per backend (the
+    reservation, host, host_backend and lease tables are new, so create_all has made them)."""
     for column, kind, default in (("overcommit", "FLOAT", "1"), ("reserved", "FLOAT", "0"),
                                   ("priority", "INTEGER", "0")):
         c.exec_driver_sql(f"ALTER TABLE storagebackend_pool ADD COLUMN {column} {kind} "
@@ -288,10 +317,20 @@ class Tx:
                 out[bid] = out.get(bid, 0) + int(total or 0)
         return out
 
-    def insert_reservation(self, backend_id: int, size: int, host: str) -> int:
+    def insert_reservation(self, backend_id: int, size: int, host: str,
+                           key: str | None = None) -> int:
         return self.c.execute(reservation.insert().values(
-            backend_id=backend_id, size=size, host=host, created=time.time())
+            backend_id=backend_id, size=size, host=host, key=key, created=time.time())
         ).inserted_primary_key[0]
+
+    def set_reservation_key(self, reservation_id: int, key: str) -> None:
+        self.c.execute(reservation.update().where(reservation.c.id == reservation_id)
+                       .values(key=key))
+
+    def reserved_keys(self, backend_id: int) -> set[str]:
+        """Keys of creates in progress (on any host): not leftovers, whatever a sweep thinks."""
+        return {k for (k,) in self.c.execute(sa.select(reservation.c.key).where(
+            reservation.c.backend_id == backend_id, reservation.c.key.is_not(None)))}
 
     def delete_reservation(self, reservation_id: int) -> None:
         self.c.execute(reservation.delete().where(reservation.c.id == reservation_id))
@@ -304,8 +343,57 @@ class Tx:
             q = q.where(reservation.c.host == host)
         return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
 
+    # hosts
+    def upsert_host(self, name: str, **values: Any) -> None:
+        if not self.c.execute(host.update().where(host.c.name == name).values(**values)).rowcount:
+            self.c.execute(host.insert().values(name=name, **values))
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in self.c.execute(sa.select(host).order_by(host.c.name))]
+
+    def host_heartbeat(self, name: str) -> float | None:
+        return self.c.execute(sa.select(host.c.heartbeat).where(host.c.name == name)).scalar()
+
+    def set_host_backend(self, name: str, backend_id: int, state: str, error: str | None) -> None:
+        values = dict(state=state, error=error, checked=time.time())
+        if not self.c.execute(host_backend.update().where(
+                host_backend.c.host == name, host_backend.c.backend_id == backend_id)
+                .values(**values)).rowcount:
+            self.c.execute(host_backend.insert().values(host=name, backend_id=backend_id, **values))
+
+    def host_backends(self) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in self.c.execute(
+            sa.select(host_backend).order_by(host_backend.c.backend_id, host_backend.c.host))]
+
+    # leases
+    def lease(self, image_id: int) -> tuple[str, float] | None:
+        """(host, since) of the image's write lease, locked until commit (PostgreSQL)."""
+        q = sa.select(lease.c.host, lease.c.since).where(lease.c.image_id == image_id)
+        if self.c.dialect.name == "postgresql":
+            q = q.with_for_update()
+        row = self.c.execute(q).first()
+        return (row[0], row[1]) if row else None
+
+    def insert_lease(self, image_id: int, holder: str) -> None:
+        self.c.execute(lease.insert().values(image_id=image_id, host=holder, since=time.time()))
+
+    def delete_lease(self, image_id: int, holder: str | None = None) -> None:
+        q = lease.delete().where(lease.c.image_id == image_id)
+        if holder is not None:
+            q = q.where(lease.c.host == holder)
+        self.c.execute(q)
+
+    def leases(self, holder: str | None = None) -> list[tuple[int, str, float]]:
+        q = sa.select(lease.c.image_id, lease.c.host, lease.c.since).order_by(lease.c.image_id)
+        if holder is not None:
+            q = q.where(lease.c.host == holder)
+        return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
+
     def delete_backend(self, backend_id: int) -> None:
         self.c.execute(reservation.delete().where(reservation.c.backend_id == backend_id))
+        self.c.execute(host_backend.delete().where(host_backend.c.backend_id == backend_id))
+        self.c.execute(lease.delete().where(lease.c.image_id.in_(
+            sa.select(image.c.id).where(image.c.backend_id == backend_id))))
         self.c.execute(attachment.delete().where(attachment.c.image_id.in_(
             sa.select(image.c.id).where(image.c.backend_id == backend_id))))
         self.c.execute(image.delete().where(image.c.backend_id == backend_id))
@@ -403,6 +491,7 @@ class Tx:
         self.c.execute(image.update().where(image.c.id == image_id).values(size=size))
 
     def delete_image(self, image_id: int) -> None:
+        self.c.execute(lease.delete().where(lease.c.image_id == image_id))
         self.c.execute(attachment.delete().where(attachment.c.image_id == image_id))
         self.c.execute(image.delete().where(image.c.id == image_id))
 
@@ -463,11 +552,39 @@ class PoolStore:
         self.engine = _engine(url)
         self._migrate()
 
+    @property
+    def shared(self) -> bool:
+        """Whether several hosts can share this store (PostgreSQL); SQLite is one host's."""
+        return self.engine.dialect.name == "postgresql"
+
     @contextmanager
     def begin(self) -> Iterator[Tx]:
-        """A write transaction (on SQLite it takes the write lock at once)."""
-        with self.engine.begin() as conn:
-            yield Tx(conn)
+        """A write transaction (on SQLite it takes the write lock at once). A uniqueness
+        violation (two hosts making the same name at once) is `Exists`, as a check would say."""
+        try:
+            with self.engine.begin() as conn:
+                yield Tx(conn)
+        except sa.exc.IntegrityError as e:
+            from .errors import Exists
+
+            raise Exists("it exists (made concurrently elsewhere)",
+                         "look again: another host made it meanwhile") from e
+
+    def notify(self, payload: str) -> None:
+        """Tell the other daemons on this store that something changed (PostgreSQL NOTIFY)."""
+        if self.shared:
+            with self.engine.connect() as conn:
+                conn.execute(sa.select(sa.func.pg_notify(CHANNEL, payload)))
+                conn.commit()
+
+    def listen(self) -> Any:
+        """A dedicated psycopg connection LISTENing on the change channel (PostgreSQL only)."""
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql")
+        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+        conn.execute(f"LISTEN {CHANNEL}")
+        return conn
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -479,6 +596,12 @@ class PoolStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def __enter__(self) -> PoolStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _migrate(self) -> None:
         with self.begin() as tx:
