@@ -220,3 +220,22 @@ def test_hosts_creating_cloning_deleting_at_once(cluster: list[Daemon]) -> None:
     view = a.backends()["busy"]
     assert (view["NBIMAGE"], view["ALLOCATED"]) == (len(images), sum(im.size for im in images))
     assert sorted(p.name for p in (cluster[2].mnt / "busy").iterdir()) == sorted(alive)
+
+
+def test_host_local_backend_is_remote_elsewhere(cluster: list[Daemon]) -> None:
+    a, b, _ = cluster
+    ok(a.backend_cli("create", "--name", "aonly", "--tm", "dir", "--tm-raw",
+                     f"PATH={a.tmp}/aonly HOST=hostA"))
+    (a.mnt / "aonly" / "disk.img").write_bytes(b"A's own")
+    until(lambda: exists(b.mnt / "aonly" / "disk.img"))
+    with pytest.raises(OSError) as e, open(b.mnt / "aonly" / "disk.img", "rb"):
+        pass
+    assert e.value.errno == errno.EREMOTE
+    assert b.backends()["aonly"]["STATE"] == "REMOTE"  # as hostB sees it
+    assert a.backends()["aonly"]["STATE"] == "READY"
+    assert "local to host hostA" in b.tm2("read", "aonly:disk.img").stderr.decode()
+    assert "state is REMOTE" in ok(b.tm2("place", "1M", "--explain"))
+    refused = b.backend_cli("create", "--name", "x", "--tm", "dir", "--tm-raw", "PATH=/tmp/x HOST=hostA")
+    assert refused.returncode == 1 and "on that host" in refused.stderr.decode()
+    until(lambda: json.loads(ok(a.backend_cli("show", "aonly", "--json")))["HOSTS"].get("hostB")
+          == "REMOTE", limit=10)

@@ -13,6 +13,7 @@ Ordering rules that keep the pool store consistent after a crash (no await insid
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import grp
 import json
@@ -48,6 +49,7 @@ COPY_CHUNK = 4 * 2**20
 SNAPSHOT_TTL = 1.0  # seconds: how stale placement's view of other hosts' changes may be
 HEARTBEAT = 2.0  # seconds between a daemon's signs of life in the pool store
 HOST_TIMEOUT = 10.0  # a host silent this long is presumed dead: its write leases may be broken
+VIEW_FRESH = 90.0  # seconds a host's monitor view of a backend counts (3 default monitor passes)
 # errnos that mean the backend itself is in trouble (not the request)
 BACKEND_FAULTS = {errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                   errno.ECONNREFUSED, errno.ECONNRESET, errno.ENETUNREACH, errno.ENODEV}
@@ -149,13 +151,16 @@ class Service:
         self.leases = store.shared
         self.host_timeout = HOST_TIMEOUT
         self._writers: dict[int, int] = {}  # image id -> files open for writing on this host
+        #: this host's own view: backends it cannot reach (by id, why), and their overlays
+        self._local_error: dict[int, str] = {}
+        self._seen: dict[int, tuple[Backend, Backend]] = {}
         self._reload()
 
     # ------------------------------------------------------------------ backends: runtime
 
     def _reload(self) -> None:
         with self.store.read() as tx:
-            backends = {b.id: b for b in tx.backends()}
+            backends = {b.id: self._as_seen_here(b) for b in tx.backends()}
         if backends.keys() != self._backends.keys() or any(
                 b is not self._backends[i] for i, b in backends.items()):
             self._pool_cache = None  # a backend changed (state, capacity, attributes...)
@@ -163,6 +168,22 @@ class Service:
         for bid in list(self._runtime):
             if bid not in self._backends:
                 del self._runtime[bid]
+
+    def _as_seen_here(self, b: Backend) -> Backend:
+        """The backend as this host sees it: a host-local backend of another host is REMOTE
+        here, and one this host cannot reach is ERROR here, whatever other hosts see."""
+        owner = b.tm_raw.get("HOST") if b.tm == "dir" else None
+        if owner and owner != self.host:
+            state, error = "REMOTE", f"local to host {owner}"
+        elif b.id in self._local_error and b.state != "DISABLED":
+            state, error = "ERROR", self._local_error[b.id]
+        else:
+            return b
+        seen = self._seen.get(b.id)
+        if seen is None or seen[0] is not b or seen[1].error != error:
+            seen = (b, dataclasses.replace(b, state=state, error=error))
+            self._seen[b.id] = seen
+        return seen[1]
 
     def _runtime_for(self, b: Backend) -> BackendRuntime:
         rt = self._runtime.get(b.id)
@@ -205,6 +226,8 @@ class Service:
         if b.state == "ERROR":
             raise err.BackendUnavailable(f"backend {b.name} is in ERROR: {b.error}",
                                          "the monitor retries; `onestoragebackend show` has details")
+        if b.state == "REMOTE":
+            raise err.Remote(f"backend {b.name} is {b.error}", "use that host's mount or API")
         raise err.BackendUnavailable(f"backend {b.name} is {b.state}, not yet checked")
 
     @asynccontextmanager
@@ -250,18 +273,30 @@ class Service:
         return err.Tm2Error(f"backend {b.name}: {what} failed: {e.strerror or e}")
 
     def _set_error(self, b: Backend, message: str) -> None:
+        """This host cannot use the backend: ERROR here at once; ERROR for the pool too unless
+        another live host still reaches it (its files keep working there)."""
         log.error("backend %s (%d) -> ERROR: %s", b.name, b.id, message)
+        self._local_error[b.id] = message
         rt = self._runtime.get(b.id)
         if rt:
             rt.started = False
         with self.store.begin() as tx:
+            tx.set_host_backend(self.host, b.id, "ERROR", message)
             current = tx.backend(b.id)
-            if current and current.state != "DISABLED":
+            if current and current.state != "DISABLED" and not self._reached_elsewhere(tx, b.id):
                 tx.update_backend(b.id, state="ERROR", error=message)
             elif current:
                 tx.update_backend(b.id, error=message)
         self._reload()
         self._changed(b.root_ino, None, None)
+
+    def _reached_elsewhere(self, tx: Tx, backend_id: int) -> bool:
+        """Whether another live host's monitor found the backend READY lately."""
+        now = time.time()
+        alive = {h["name"] for h in tx.hosts() if now - h["heartbeat"] < self.host_timeout}
+        return any(v["backend_id"] == backend_id and v["host"] != self.host and v["host"] in alive
+                   and v["state"] == "READY" and now - v["checked"] < VIEW_FRESH
+                   for v in tx.host_backends())
 
     def _changed(self, ino: int | None, parent: int | None, name: str | None,
                  caller: Caller | None = None) -> None:
@@ -511,7 +546,12 @@ class Service:
             if tx.backend_by_name(values["name"]):
                 raise err.Exists(f"a backend named {values['name']!r} exists",
                                  "choose another NAME or `onestoragebackend update` that one")
-        tm_raw = cls.validate(self._tm_raw(upper.get("TM_RAW")), self.state_dir, values["name"])
+        raw = self._tm_raw(upper.get("TM_RAW"))
+        owner = raw.get("HOST") if tm == "dir" else None
+        if owner and owner != self.host:
+            raise err.InvalidArgument(f"a backend local to host {owner} is created on that host",
+                                      f"run the command on {owner} (its daemon checks the PATH)")
+        tm_raw = cls.validate(raw, self.state_dir, values["name"])
         uid, gid, mode = self._owner(upper, caller)
         driver = cls(tm_raw, self.state_dir)
         try:
@@ -639,6 +679,10 @@ class Service:
     async def monitor_backend(self, backend_id: int) -> None:
         """Refresh capacity and state; the only way out of ERROR is a monitor that succeeds."""
         b = self._backend(backend_id)
+        if b.state == "REMOTE":
+            with self.store.begin() as tx:
+                tx.set_host_backend(self.host, b.id, "REMOTE", b.error)
+            return
         rt = self._runtime_for(b)
         async with rt.lock:
             try:
@@ -650,10 +694,11 @@ class Service:
             except (OSError, trio.TooSlowError, err.Tm2Error) as e:
                 reason = (f"monitor timed out after {b.timeout:g}s"
                           if isinstance(e, trio.TooSlowError) else f"monitor: {e}")
-                with self.store.begin() as tx:
-                    tx.set_host_backend(self.host, b.id, "ERROR", reason)
                 if b.state != "ERROR" or b.error != reason:
                     self._set_error(b, reason)
+                else:
+                    with self.store.begin() as tx:
+                        tx.set_host_backend(self.host, b.id, "ERROR", reason)
                 return
         total, free, used = _capped(cap, b.capacity)
         with self.store.begin() as tx:
@@ -666,6 +711,7 @@ class Service:
             tx.set_host_backend(self.host, b.id, "READY", None)
         if b.state == "ERROR":
             log.info("backend %s (%d) is READY again", b.name, b.id)
+        self._local_error.pop(b.id, None)
         self._reload()
 
     async def monitor_all(self) -> None:

@@ -1,5 +1,8 @@
 """`dir`: images as sparse files in a local (or shared) directory, named by their opaque key.
 
+Without HOST the directory is shared storage every host reaches at PATH (NFS, CephFS, or one
+machine); with HOST=name it is that host's alone, and the others show the backend REMOTE.
+
 Clone is a reflink (FICLONE) where the filesystem shares blocks (XFS, btrfs), else a sparse-aware
 copy (SEEK_DATA/SEEK_HOLE) so a thin 100 GiB image with 1 MiB of data copies 1 MiB. Data-path calls
 (pread/pwrite) run inline on the trio thread when the directory is on a local filesystem: there
@@ -15,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +88,14 @@ class DirDriver(Driver):
     @classmethod
     def validate(cls, tm_raw: dict[str, Any], state_dir: Path, backend_name: str) -> dict[str, Any]:
         raw = {k.upper(): v for k, v in tm_raw.items()}
-        unknown = set(raw) - {"PATH"}
+        unknown = set(raw) - {"PATH", "HOST"}
         if unknown:
             raise InvalidArgument(
                 f"dir driver: unknown TM_RAW attribute(s) {', '.join(sorted(unknown))}",
-                "the dir driver takes PATH=/absolute/directory")
+                "the dir driver takes PATH=/absolute/directory and, for a directory only one "
+                "host has, HOST=name")
+        if "HOST" in raw and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}", str(raw["HOST"])):
+            raise InvalidArgument(f"dir driver: HOST {raw['HOST']!r} is not a plain host name")
         if "PATH" not in raw:
             raw["PATH"] = str(state_dir / "backends" / backend_name)
         path = str(raw["PATH"])
