@@ -11,6 +11,7 @@ PACKAGES=(
   fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv   # pyfuse3 builds against libfuse3
   e2fsprogs util-linux fio qemu-utils file genisoimage          # tests and benchmarks use them
   postgresql sqlite3 procps psmisc                              # the pool store's engines
+  tgt libiscsi-bin qemu-block-extra                             # iSCSI: userspace target, initiator
 )
 
 missing=()

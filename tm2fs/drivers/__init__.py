@@ -7,7 +7,11 @@ from importlib.metadata import entry_points
 from ..errors import InvalidArgument
 from .base import Driver
 
-BUILTIN = {"dir": "tm2fs.drivers.dir:DirDriver", "legacy": "tm2fs.drivers.legacy:LegacyDriver"}
+BUILTIN = {
+    "dir": "tm2fs.drivers.dir:DirDriver",
+    "legacy": "tm2fs.drivers.legacy:LegacyDriver",
+    "iscsi": "tm2fs.drivers.iscsi:IscsiDriver",
+}
 
 
 def driver_class(tm: str) -> type[Driver]:
