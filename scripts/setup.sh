@@ -12,6 +12,7 @@ PACKAGES=(
   e2fsprogs util-linux fio qemu-utils file genisoimage          # tests and benchmarks use them
   postgresql sqlite3 procps psmisc                              # the pool store's engines
   tgt libiscsi-bin qemu-block-extra                             # iSCSI: userspace target, initiator
+  ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd rbd-fuse  # Ceph: test cluster
 )
 
 missing=()

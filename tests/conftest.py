@@ -79,3 +79,12 @@ async def service(store: PoolStore, tmp_path: Path) -> Service:
     svc = Service(store, tmp_path / "state", host="testhost", mountpoint=str(tmp_path / "mnt"))
     await svc.ensure_default_backend()
     return svc
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[object]:
+    """One throwaway one-node Ceph cluster for the session, started only if a test asks for it."""
+    from tests.servers.ceph import CephCluster
+
+    with CephCluster() as cluster:
+        yield cluster

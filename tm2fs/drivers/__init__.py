@@ -11,6 +11,7 @@ BUILTIN = {
     "dir": "tm2fs.drivers.dir:DirDriver",
     "legacy": "tm2fs.drivers.legacy:LegacyDriver",
     "iscsi": "tm2fs.drivers.iscsi:IscsiDriver",
+    "rbd": "tm2fs.drivers.rbd:RbdDriver",
 }
 
 
