@@ -18,11 +18,10 @@ import trio
 from . import __version__
 from . import errors as err
 from .httpserver import Request, Response, serve_unix
-from .service import Caller, Service
+from .service import COPY_CHUNK, STREAM_DEPTH, Caller, Service, read_chunks, write_chunks
 from .sizes import parse_size
 
 log = logging.getLogger(__name__)
-CHUNK = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -190,11 +189,11 @@ async def read(svc: Service, req: Request) -> Any:
         try:
             done = 0
             while done < size:
-                chunk = await svc.read(of, done, min(CHUNK, size - done))
-                if not chunk:
-                    raise err.Tm2Error("image ended before its size")
-                done += len(chunk)
-                yield chunk
+                for chunk in await read_chunks(svc, of, done, size - done):
+                    if not chunk:
+                        raise err.Tm2Error("image ended before its size")
+                    done += len(chunk)
+                    yield chunk
         finally:
             with trio.CancelScope(shield=True):
                 await svc.release(of)
@@ -218,12 +217,16 @@ async def write(svc: Service, req: Request) -> Any:
     done = 0
     try:
         buf = bytearray()
+        batch: list[bytes] = []  # the bounded queue: STREAM_DEPTH chunks, then written at once
         async for chunk in req.body:
             buf += chunk
-            if len(buf) >= CHUNK:
-                done = await _write_chunk(svc, of, done, bytes(buf))
+            if len(buf) >= COPY_CHUNK:
+                batch.append(bytes(buf))
                 buf.clear()
-        done = await _write_chunk(svc, of, done, bytes(buf))
+                if len(batch) == STREAM_DEPTH:
+                    done = await write_chunks(svc, of, done, batch)
+                    batch.clear()
+        done = await write_chunks(svc, of, done, [*batch, bytes(buf)])
         if of.image.size != done:  # trailing zeros were skipped, or fewer than announced
             await svc.setattr(of.image.ino, caller, size=done)
         await svc.fsync(of)
@@ -238,13 +241,6 @@ async def write(svc: Service, req: Request) -> Any:
         raise
     await svc.release(of)
     return Response.json(svc.image_info(address, caller), 201 if push else 200)
-
-
-async def _write_chunk(svc: Service, of: Any, offset: int, data: bytes) -> int:
-    """Writes at offset; all-zero chunks are skipped so thin images stay thin."""
-    if data and data.count(0) != len(data):
-        await svc.write(of, offset, data)
-    return offset + len(data)
 
 
 @route("POST", "/v1/images/break-lease", "Break the write lease of a host that died holding it",

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 STATES = ("INIT", "READY", "DISABLED", "ERROR")
 ROLES = ("SAN", "REPOSITORY")
 COPY_CHUNK = 4 * 2**20
+STREAM_DEPTH = 4  # chunks in flight when a whole image streams (get, read, push, copies)
 SNAPSHOT_TTL = 1.0  # seconds: how stale placement's view of other hosts' changes may be
 HEARTBEAT = 2.0  # seconds between a daemon's signs of life in the pool store
 HOST_TIMEOUT = 10.0  # a host silent this long is presumed dead: its write leases may be broken
@@ -1800,21 +1801,45 @@ class Service:
                                              "PERMISSIONS": "0777"})
 
 
+async def read_chunks(service: Service, of: OpenFile, offset: int, size: int) -> list[bytes]:
+    """Up to STREAM_DEPTH chunks from `offset`, read at once: a driver with asynchronous I/O
+    (rbd) overlaps them, so a whole-image stream is not one round trip per chunk. The batch is
+    the bounded queue: at most STREAM_DEPTH x COPY_CHUNK bytes are held."""
+    end = min(offset + size, of.image.size)
+    starts = range(offset, end, COPY_CHUNK)[:STREAM_DEPTH]
+    out = [b""] * len(starts)
+
+    async def one(i: int, start: int) -> None:
+        out[i] = await service.read(of, start, min(COPY_CHUNK, end - start))
+
+    async with trio.open_nursery() as nursery:
+        for i, start in enumerate(starts):
+            nursery.start_soon(one, i, start)
+    return out
+
+
+async def write_chunks(service: Service, of: OpenFile, offset: int, chunks: list[bytes]) -> int:
+    """Write consecutive chunks at once (as read_chunks reads them); all-zero chunks are skipped
+    so thin images stay thin. Returns the offset after the last chunk."""
+    async with trio.open_nursery() as nursery:
+        for chunk in chunks:
+            if chunk and chunk.count(0) != len(chunk):
+                nursery.start_soon(service.write, of, offset, chunk)
+            offset += len(chunk)
+    return offset
+
+
 async def copy_data(service: Service, src: OpenFile, dst: OpenFile, size: int,
                     progress: Progress | None = None) -> None:
-    """Chunked copy through the data path, leaving holes where the source reads as zeros."""
+    """Copy through the data path, STREAM_DEPTH chunks in flight, leaving holes for zeros."""
     done = 0
-    zero = bytes(COPY_CHUNK)
     while done < size:
-        chunk = await service.read(src, done, min(COPY_CHUNK, size - done))
-        if not chunk:
+        chunks = await read_chunks(service, src, done, size - done)
+        if not chunks or not chunks[0]:
             break
-        if chunk != zero[: len(chunk)]:
-            await service.write(dst, done, chunk)
-        done += len(chunk)
+        done = await write_chunks(service, dst, done, chunks)
         if progress:
             progress(done)
-        await trio.lowlevel.checkpoint()
 
 
 def _is_key(key: str) -> bool:
