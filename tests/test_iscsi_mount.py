@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon
+from tests.randomio import random_io
 from tests.servers.tgt import TgtServer
 from tm2fs.drivers.iscsi import parse_tgt_show
 
@@ -101,39 +101,10 @@ def test_eleven_actions_through_tm2_and_the_mount(tree: Daemon, tgt: TgtServer, 
 
 
 def test_random_io_and_qemu_sees_the_same_bytes(tree: Daemon, tgt: TgtServer, tmp_path: Path) -> None:
-    rng = random.Random(21)
     path = tree.mnt / "san" / "model.img"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    model = bytearray()
-    try:
-        for step in range(150):
-            op = rng.choices(["write", "read", "truncate", "fsync", "reopen"], [40, 35, 10, 8, 7])[0]
-            where = f"step {step}: {op}"
-            if op == "write":
-                offset, data = rng.randrange(0, 3 * MiB), rng.randbytes(rng.randrange(1, 200_000))
-                assert os.pwrite(fd, data, offset) == len(data), where
-                if offset > len(model):
-                    model.extend(bytes(offset - len(model)))
-                model[offset:offset + len(data)] = data
-            elif op == "read":
-                offset, size = rng.randrange(0, 3 * MiB), rng.randrange(1, 300_000)
-                assert os.pread(fd, size, offset) == bytes(model[offset:offset + size]), where
-            elif op == "truncate":
-                size = rng.randrange(0, 3 * MiB)
-                os.ftruncate(fd, size)
-                del model[size:]
-                model.extend(bytes(size - len(model)))
-            elif op == "fsync":
-                os.fsync(fd)
-            else:
-                os.close(fd)
-                fd = os.open(path, os.O_RDWR)
-            assert os.fstat(fd).st_size == len(model), where
-        os.ftruncate(fd, 4 * MiB)  # whole blocks, so qemu compares like with like
-        model.extend(bytes(4 * MiB - len(model)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    model = bytearray(random_io(path, 21, steps=150, limit=3 * MiB))
+    os.truncate(path, 4 * MiB)  # whole blocks, so qemu compares like with like
+    model.extend(bytes(4 * MiB - len(model)))
     local = tmp_path / "model.raw"
     local.write_bytes(bytes(model))
     compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(local),

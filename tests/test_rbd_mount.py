@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon
+from tests.randomio import random_io
 
 pytestmark = [pytest.mark.mount, pytest.mark.ceph, pytest.mark.slow]
 MiB = 2**20
@@ -105,39 +105,9 @@ def test_a_clone_of_10_gib_is_copy_on_write(tree: Daemon) -> None:
 
 @pytest.mark.parametrize("seed", [11, 12])
 def test_random_io_matches_a_model(tree: Daemon, seed: int) -> None:
-    rng = random.Random(seed)
     path = tree.mnt / "ceph" / f"model-{seed}.img"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    model = bytearray()
-    try:
-        for step in range(200):
-            op = rng.choices(["write", "read", "truncate", "fsync", "reopen"], [40, 35, 10, 8, 7])[0]
-            where = f"seed {seed}, step {step}: {op}"
-            if op == "write":
-                offset, data = rng.randrange(0, 4 * MiB), rng.randbytes(rng.randrange(1, 300_000))
-                assert os.pwrite(fd, data, offset) == len(data), where
-                if offset > len(model):
-                    model.extend(bytes(offset - len(model)))
-                model[offset:offset + len(data)] = data
-            elif op == "read":
-                offset, size = rng.randrange(0, 4 * MiB), rng.randrange(1, 400_000)
-                assert os.pread(fd, size, offset) == bytes(model[offset:offset + size]), where
-            elif op == "truncate":
-                size = rng.randrange(0, 4 * MiB)
-                os.ftruncate(fd, size)
-                del model[size:]
-                model.extend(bytes(size - len(model)))
-            elif op == "fsync":
-                os.fsync(fd)
-            else:
-                os.close(fd)
-                fd = os.open(path, os.O_RDWR)
-            assert os.fstat(fd).st_size == len(model), where
-        os.fsync(fd)
-        assert os.pread(fd, len(model) + 1, 0) == bytes(model)
-    finally:
-        os.close(fd)
-        os.unlink(path)
+    random_io(path, seed)
+    os.unlink(path)
 
 
 @pytest.mark.logs_ok
