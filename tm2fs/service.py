@@ -740,16 +740,15 @@ class Service:
         self._reload()
         with self.store.read() as tx:
             counters = tx.counters()
-            allocated = tx.allocated_all()
-            roots = {b.id: tx.node(b.root_ino) for b in self._backends.values()}
-        return [_backend_view(b, roots[b.id], counters.get(b.id, (0, 0, 0)), allocated.get(b.id, 0))
+            roots = tx.nodes([b.root_ino for b in self._backends.values()])
+        return [_backend_view(b, roots.get(b.root_ino), counters.get(b.id, (0, 0, 0)))
                 for b in self._backends.values()]
 
     def backend_info(self, ref: str | int, detail: bool = False) -> dict[str, Any]:
         b = self.find_backend(ref)
         with self.store.read() as tx:
             counters = tx.counters().get(b.id, (0, 0, 0))
-            view = _backend_view(b, tx.node(b.root_ino), counters, tx.allocated(b.id))
+            view = _backend_view(b, tx.node(b.root_ino), counters)
             if detail:
                 view["HOSTS"] = {v["host"]: v["state"] for v in tx.host_backends()
                                  if v["backend_id"] == b.id}
@@ -1317,9 +1316,8 @@ class Service:
         with self.store.begin() as tx:
             tx.set_image_size(oi.image_id, oi.size)
             tx.update_node(oi.ino, mtime_ns=oi.mtime_ns, ctime_ns=oi.mtime_ns)
+            tx.notify(json.dumps({"h": self.host, "i": oi.ino}))  # others cache the old size
         oi.dirty = False
-        if self.store.shared:  # other hosts' kernels cache the old size
-            self.store.notify(json.dumps({"h": self.host, "i": oi.ino}))
 
     async def flush(self, of: OpenFile) -> None:
         """close(2): the size and times reach the pool store (the data's durability is fsync's)."""
@@ -1455,8 +1453,8 @@ class Service:
         may_use = None
         if not caller.is_root:
             with self.store.read() as tx:
-                roots = {b.id: tx.node(b.root_ino) for b, _, _ in pool}
-            may_use = lambda b: self._may(caller, roots.get(b.id), 3)  # noqa: E731
+                roots = tx.nodes([b.root_ino for b, _, _ in pool])
+            may_use = lambda b: self._may(caller, roots.get(b.root_ino), 3)  # noqa: E731
         if not reserve:
             return placement.decide(req, pool, may_use), None, None
         for v in placement.ranked(req, pool, may_use):
@@ -1480,17 +1478,16 @@ class Service:
         backends = list(self._backends.values())
         with self.store.read() as tx:
             counters = tx.counters()
-            allocated = tx.allocated_all()
         before = {entry[0].id: entry for entry in cached[1]} if cached else {}
         pool = []
         for b in backends:
-            nbimage, nbvm, _ = counters.get(b.id, (0, 0, 0))
+            nbimage, nbvm, allocated = counters.get(b.id, (0, 0, 0))
             old = before.get(b.id)
-            if (old is not None and old[0] is b and old[2].allocated == allocated.get(b.id, 0)
+            if (old is not None and old[0] is b and old[2].allocated == allocated
                     and old[1]["NBIMAGE"] == nbimage and old[1]["NBVM"] == nbvm):
                 pool.append(old)  # nothing changed: no new dict for it
                 continue
-            r = placement.room(b, allocated.get(b.id, 0))
+            r = placement.room(b, allocated)
             pool.append((b, placement.attributes(b, r, nbimage, nbvm), r))
         known = {*placement.ATTRIBUTES, *(str(k).upper() for b in backends for k in b.attrs)}
         self._pool_cache = (time.monotonic(), pool, known)
@@ -1856,8 +1853,7 @@ def _capped(cap: Capacity, limit: int | None) -> tuple[int | None, int | None, i
     return total, free, used
 
 
-def _backend_view(b: Backend, root: Node | None, counters: tuple[int, int, int],
-                  allocated: int) -> dict[str, Any]:
+def _backend_view(b: Backend, root: Node | None, counters: tuple[int, int, int]) -> dict[str, Any]:
     uid = root.uid if root else 0
     gid = root.gid if root else 0
     try:
@@ -1870,8 +1866,8 @@ def _backend_view(b: Backend, root: Node | None, counters: tuple[int, int, int],
         group = str(gid)
     return {
         "ID": b.id, "NAME": b.name, "STATE": b.state, "TM": b.tm, "TM_RAW": b.tm_raw,
-        "CAPACITY": b.total, "FREE": b.free, "USED": b.used, "ALLOCATED": allocated,
-        "AVAILABLE": placement.room(b, allocated).available,
+        "CAPACITY": b.total, "FREE": b.free, "USED": b.used, "ALLOCATED": counters[2],
+        "AVAILABLE": placement.room(b, counters[2]).available,
         "CAPACITY_LIMIT": b.capacity, "OVERCOMMIT": b.overcommit, "RESERVED": b.reserved,
         "PRIORITY": b.priority, "COST": b.cost, "ROLE": b.role, "TAGS": b.tags,
         "NBIMAGE": counters[0], "NBVM": counters[1], "USER": user, "GROUP": group,

@@ -307,16 +307,6 @@ class Tx:
                    .where(reservation.c.backend_id == backend_id).scalar_subquery())
         return int(self.c.execute(sa.select(images + pending)).scalar_one())
 
-    def allocated_all(self) -> dict[int, int]:
-        """backend id -> virtual space (images + pending reservations), for a placement snapshot."""
-        out: dict[int, int] = {}
-        for table in (image, reservation):
-            for bid, total in self.c.execute(
-                    sa.select(table.c.backend_id, sa.func.sum(table.c.size))
-                    .group_by(table.c.backend_id)):
-                out[bid] = out.get(bid, 0) + int(total or 0)
-        return out
-
     def insert_reservation(self, backend_id: int, size: int, host: str,
                            key: str | None = None) -> int:
         return self.c.execute(reservation.insert().values(
@@ -342,6 +332,11 @@ class Tx:
         if host is not None:
             q = q.where(reservation.c.host == host)
         return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
+
+    def notify(self, payload: str) -> None:
+        """Tell the other daemons at this transaction's commit (PostgreSQL NOTIFY); SQLite: no-op."""
+        if self.c.dialect.name == "postgresql":
+            self.c.execute(sa.select(sa.func.pg_notify(CHANNEL, payload)))
 
     # hosts
     def upsert_host(self, name: str, **values: Any) -> None:
@@ -401,7 +396,8 @@ class Tx:
         self.c.execute(backend.delete().where(backend.c.id == backend_id))
 
     def counters(self) -> dict[int, tuple[int, int, int]]:
-        """backend id -> (NBIMAGE, NBVM, allocated bytes), counted, so they are always true."""
+        """backend id -> (NBIMAGE, NBVM, ALLOCATED: image sizes plus pending reservations),
+        counted, so they are always true (for a view; `allocated()` is the one to decide on)."""
         images = dict(
             (r[0], (r[1], r[2] or 0))
             for r in self.c.execute(
@@ -412,9 +408,16 @@ class Tx:
             sa.select(image.c.backend_id, sa.func.count())
             .select_from(attachment.join(image, attachment.c.image_id == image.c.id))
             .group_by(image.c.backend_id)).all())
-        ids = set(images) | set(vms)
-        return {i: (images.get(i, (0, 0))[0], vms.get(i, 0), int(images.get(i, (0, 0))[1]))
-                for i in ids}
+        pending = dict(self.c.execute(
+            sa.select(reservation.c.backend_id, sa.func.sum(reservation.c.size))
+            .group_by(reservation.c.backend_id)).all())
+        ids = set(images) | set(vms) | set(pending)
+        return {i: (images.get(i, (0, 0))[0], vms.get(i, 0),
+                    int(images.get(i, (0, 0))[1]) + int(pending.get(i) or 0)) for i in ids}
+
+    def nodes(self, inos: list[int]) -> dict[int, Node]:
+        """Many entries in one query (e.g. every backend's root)."""
+        return {r.ino: _node(r) for r in self.c.execute(sa.select(node).where(node.c.ino.in_(inos)))}
 
     # namespace
     def node(self, ino: int) -> Node | None:
@@ -571,6 +574,7 @@ class PoolStore:
                          "look again: another host made it meanwhile") from e
 
     def notify(self, payload: str) -> None:
+        """Outside a transaction; inside one, `Tx.notify` (delivered at its commit) is cheaper."""
         """Tell the other daemons on this store that something changed (PostgreSQL NOTIFY)."""
         if self.shared:
             with self.engine.connect() as conn:

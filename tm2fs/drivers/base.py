@@ -187,6 +187,18 @@ def positive_int(value: Any, what: str) -> int:
     return number
 
 
+def directory_capacity(path: str | os.PathLike) -> Capacity:
+    """A directory of image files: its filesystem's size and free space, and the blocks its
+    files really hold (thin images count what is written). Blocking: call in a worker thread."""
+    st = os.statvfs(path)
+    used = 0
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False):
+                used += entry.stat(follow_symlinks=False).st_blocks * 512
+    return Capacity(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, used=used)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """A new or removed directory entry is durable only once its directory is synced."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

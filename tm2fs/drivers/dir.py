@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from ..errors import InvalidArgument
-from .base import Capacity, Driver, Handle, Progress, ThreadedHandle, fsync_dir
+from .base import Capacity, Driver, Handle, Progress, ThreadedHandle, directory_capacity, fsync_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 COPY_CHUNK = 8 * 2**20
@@ -126,13 +126,7 @@ class DirDriver(Driver):
 
     def _monitor(self) -> Capacity:
         self._check_root()
-        st = os.statvfs(self.root)
-        used = 0
-        with os.scandir(self.root) as it:
-            for entry in it:
-                if entry.is_file(follow_symlinks=False):
-                    used += entry.stat(follow_symlinks=False).st_blocks * 512
-        return Capacity(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, used=used)
+        return directory_capacity(self.root)
 
     async def allocate(self, key: str, size: int) -> None:
         def _allocate() -> None:

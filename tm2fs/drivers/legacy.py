@@ -45,7 +45,7 @@ from typing import Any
 import trio
 
 from ..errors import BackendUnavailable, Exists, InvalidArgument, Tm2Error, Unsupported
-from .base import Capacity, Driver, Handle, Progress, fsync_dir
+from .base import Capacity, Driver, Handle, Progress, directory_capacity, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +314,7 @@ class LegacyDriver(Driver):
         return await self._thread(self._monitor)
 
     def _monitor(self) -> Capacity:
-        st = os.statvfs(self.root)
-        used = 0
-        with os.scandir(self.root) as it:
-            for entry in it:
-                if entry.is_file(follow_symlinks=False):
-                    used += entry.stat(follow_symlinks=False).st_blocks * 512
-        return Capacity(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, used=used)
+        return directory_capacity(self.root)
 
     async def allocate(self, key: str, size: int) -> None:
         """MKIMAGE of ceil(size / MiB) MiB, raw; a local image is then cut to the exact size."""
