@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then lint and run the whole test suite. Arguments go to pytest:
-#   ./test.sh -m "not slow"     the quick subset (no PostgreSQL, no long runs)
+#   ./test.sh -m "not slow"     the quick subset (no PostgreSQL, Ceph or iSCSI servers, no long runs)
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
