@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tm2fs import placement
-from tm2fs.service import ROOT, Service
+from tm2fs.core import ROOT, Service
 from tm2fs.store import ROOT_INO, PoolStore
 
 G = 2**30

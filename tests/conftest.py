@@ -8,12 +8,12 @@ must not hide behind green tests. A test that expects such logs says so with
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tm2fs.service import Service
+from tm2fs.core import Service
 from tm2fs.store import PoolStore
 
 
@@ -74,11 +74,13 @@ def store(store_url: str) -> Iterator[PoolStore]:
 
 
 @pytest.fixture
-async def service(store: PoolStore, tmp_path: Path) -> Service:
+async def service(store: PoolStore, tmp_path: Path) -> AsyncIterator[Service]:
     """A service with the embedded default: the `local` directory backend."""
     svc = Service(store, tmp_path / "state", host="testhost", mountpoint=str(tmp_path / "mnt"))
+    await svc.start()
     await svc.ensure_default_backend()
-    return svc
+    yield svc
+    await svc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,21 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@asynccontextmanager
+async def service_on(url: str, state_dir: Path, host: str = "testhost",
+                     mountpoint: str | None = None) -> AsyncIterator[Any]:
+    """A service on an existing pool store (as another host, or a test, would see it), started
+    and stopped around the block; it neither registers nor unregisters a host."""
+    from tm2fs.core import Service
+    from tm2fs.store import PoolStore
+
+    store = PoolStore(url)
+    service = Service(store, state_dir, host=host, mountpoint=mountpoint)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop(clean=False)
+        store.close()

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from tm2fs import fs
-from tm2fs.service import ROOT, Service
+from tm2fs.core import ROOT, Service
 from tm2fs.store import PoolStore
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
@@ -34,6 +34,7 @@ async def svc(tmp_path: Path) -> Service:
     store = PoolStore(f"sqlite:///{tmp_path}/pool.db")
     mnt = tmp_path / "mnt"
     service = Service(store, tmp_path, host="testhost", mountpoint=str(mnt))
+    await service.start()
     await service.ensure_default_backend()
     yield service
     await service.stop()
@@ -191,7 +192,7 @@ async def test_create_write_read_fsync_release(ops: fs.Operations, svc: Service,
     assert await ops.read(fi.fh, 4096, 100) == b"\0" * 5 + b"world"  # short at EOF
     assert await ops.read(fi.fh, 10**6, 10) == b""
     await ops.fsync(fi.fh, False)
-    info = svc.image_info("local:disk.img", ROOT)
+    info = await svc.image_info("local:disk.img", ROOT)
     assert info["SIZE"] == 4096 + 10  # committed by fsync while still open
     await ops.release(fi.fh)
     backing = tmp_path / "backends" / "local" / info["KEY"]
@@ -218,7 +219,7 @@ async def test_open_flags_truncate_and_append(ops: fs.Operations, svc: Service) 
     fi = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
     assert (await ops.getattr(ino, CTX)).st_size == 0
     await ops.release(fi.fh)
-    assert svc.image_info("local:log", ROOT)["SIZE"] == 0
+    assert (await svc.image_info("local:log", ROOT))["SIZE"] == 0
 
 
 async def test_truncate_through_setattr(ops: fs.Operations, svc: Service, tmp_path: Path) -> None:
@@ -227,17 +228,17 @@ async def test_truncate_through_setattr(ops: fs.Operations, svc: Service, tmp_pa
     # closed file: the driver resizes
     out = await ops.setattr(ino, attrs(st_size=10 * 2**20), fields(size=True), None, CTX)
     assert out.st_size == 10 * 2**20
-    key = svc.image_info("local:img", ROOT)["KEY"]
+    key = (await svc.image_info("local:img", ROOT))["KEY"]
     backing = tmp_path / "backends" / "local" / key
     assert backing.stat().st_size == 10 * 2**20
-    assert svc.image_info("local:img", ROOT)["SIZE"] == 10 * 2**20
+    assert (await svc.image_info("local:img", ROOT))["SIZE"] == 10 * 2**20
     # open file (ftruncate): the open image is resized and the size committed
     fi = await ops.open(ino, RDWR, CTX)
     out = await ops.setattr(ino, attrs(st_size=3), fields(size=True), fi.fh, CTX)
     assert out.st_size == 3
     assert await ops.read(fi.fh, 0, 100) == b"abc"
     await ops.release(fi.fh)
-    assert backing.stat().st_size == 3 == svc.image_info("local:img", ROOT)["SIZE"]
+    assert backing.stat().st_size == 3 == (await svc.image_info("local:img", ROOT))["SIZE"]
     assert await errno_of(ops.setattr(local, attrs(st_size=0), fields(size=True), None,
                                       CTX)) == errno.EISDIR
 
@@ -312,19 +313,19 @@ async def test_rename_inside_a_backend_is_metadata_only(ops: fs.Operations, svc:
                                                         tmp_path: Path) -> None:
     local = await local_ino(ops)
     ino = await make_file(ops, local, b"a.img", b"payload")
-    key = svc.image_info("local:a.img", ROOT)["KEY"]
+    key = (await svc.image_info("local:a.img", ROOT))["KEY"]
     d = await ops.mkdir(local, b"vm", 0o755, CTX)
     await ops.rename(local, b"a.img", d.st_ino, b"b.img", 0, CTX)
     assert await errno_of(ops.lookup(local, b"a.img", CTX)) == errno.ENOENT
     moved = await ops.lookup(d.st_ino, b"b.img", CTX)
     assert moved.st_ino == ino
-    info = svc.image_info("local:vm/b.img", ROOT)
+    info = await svc.image_info("local:vm/b.img", ROOT)
     assert (info["KEY"], info["SIZE"]) == (key, 7)
     assert os.listdir(tmp_path / "backends" / "local") == [key]
     # replacing an existing file drops the old image's data
     await make_file(ops, local, b"c.img", b"other")
     await ops.rename(d.st_ino, b"b.img", local, b"c.img", 0, CTX)
-    assert svc.image_info("local:c.img", ROOT)["KEY"] == key
+    assert (await svc.image_info("local:c.img", ROOT))["KEY"] == key
     assert os.listdir(tmp_path / "backends" / "local") == [key]
 
 
@@ -358,8 +359,8 @@ async def test_rename_across_backends_is_exdev(ops: fs.Operations, svc: Service,
 
 
 async def test_symlink_to_an_image_is_an_attachment(ops: fs.Operations, svc: Service) -> None:
-    def nbvm() -> int:
-        return {b["NAME"]: b for b in svc.list_backends()}["local"]["NBVM"]
+    async def nbvm() -> int:
+        return {b["NAME"]: b for b in await svc.list_backends()}["local"]["NBVM"]
 
     local = await local_ino(ops)
     await make_file(ops, local, b"disk.img", b"x")
@@ -367,15 +368,15 @@ async def test_symlink_to_an_image_is_an_attachment(ops: fs.Operations, svc: Ser
     link = await ops.symlink(d.st_ino, b"disk.0", b"../disk.img", CTX)
     assert stat.S_ISLNK(link.st_mode) and link.st_size == len(b"../disk.img")
     assert await ops.readlink(link.st_ino, CTX) == b"../disk.img"
-    assert nbvm() == 1
-    info = svc.image_info("local:disk.img", ROOT)
+    assert await nbvm() == 1
+    info = await svc.image_info("local:disk.img", ROOT)
     assert [a["PATH"] for a in info["ATTACHMENTS"]] == [f"{svc.mountpoint}/local/vm-1/disk.0"]
     # a link that points nowhere on the mount is just a symlink
     await ops.symlink(d.st_ino, b"other", b"/etc/hostname", CTX)
-    assert nbvm() == 1
+    assert await nbvm() == 1
     await ops.unlink(d.st_ino, b"disk.0", CTX)
-    assert nbvm() == 0
-    assert svc.image_info("local:disk.img", ROOT)["ATTACHMENTS"] == []
+    assert await nbvm() == 0
+    assert (await svc.image_info("local:disk.img", ROOT))["ATTACHMENTS"] == []
     assert await errno_of(ops.readlink(d.st_ino, CTX)) == errno.EINVAL
 
 
@@ -496,8 +497,8 @@ async def test_changes_not_made_through_the_mount_invalidate_kernel_caches(
     assert await settled(0) == []  # the kernel made these changes itself: nothing to invalidate
     await svc.resize("local:img", "1M", ROOT)  # as `tm2 resize` does through the API
     assert await settled(1) == [("inode", ino)]
-    await svc.delete("local:img", ROOT)
-    assert await settled(2) == [("entry", local, b"img"), ("inode", ino)]
+    await svc.delete("local:img", ROOT)  # the entry, the inode, and its folder (new mtime)
+    assert await settled(3) == sorted([("entry", local, b"img"), ("inode", ino), ("inode", local)])
     await svc.set_enabled(ROOT, "local", False)
     assert await settled(2) == [("entry", pyfuse3.ROOT_INODE, b"local"), ("inode", local)]
     monkeypatch.setattr(fs.pyfuse3, "trio_token", None)  # not mounted: nothing is attempted

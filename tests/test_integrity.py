@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 
 import pytest
+import trio
 
-from tests.daemon import Daemon, is_mounted
-from tm2fs.service import ROOT, Service
-from tm2fs.store import PoolStore
+from tests.daemon import Daemon, is_mounted, service_on
+from tm2fs.core import ROOT
 
 pytestmark = pytest.mark.mount
 MiB = 2**20
@@ -33,13 +33,14 @@ def tree(tmp_path_factory: pytest.TempPathFactory):
         yield t
 
 
+async def stored_info(tree: Daemon, address: str) -> dict:
+    """What the pool store says, read by a separate service on the same database."""
+    async with service_on(tree.db_url, tree.state_dir) as service:
+        return await service.image_info(address, ROOT)
+
+
 def image_info(tree: Daemon, address: str) -> dict:
-    """What the pool store says, read by a separate store on the same database."""
-    store = PoolStore(tree.db_url)
-    try:
-        return Service(store, tree.state_dir, host="testhost").image_info(address, ROOT)
-    finally:
-        store.close()
+    return trio.run(stored_info, tree, address)
 
 
 def backing_file(tree: Daemon, info: dict) -> Path:
@@ -126,7 +127,7 @@ async def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
         fd = os.open(tree.mnt / "local" / "img", os.O_RDWR | os.O_CREAT, 0o600)
         assert os.pwrite(fd, synced, 0) == len(synced)
         os.fsync(fd)
-        assert image_info(tree, "local:img")["SIZE"] == len(synced)
+        assert (await stored_info(tree, "local:img"))["SIZE"] == len(synced)
         os.pwrite(fd, tail, len(synced))  # acknowledged (in the backing file), size not committed
         (tree.mnt / "local" / "vm").mkdir()  # namespace changes commit at once
         (tree.mnt / "local" / "vm" / "disk.0").symlink_to("../img")
@@ -146,7 +147,7 @@ async def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
         data = (tree.mnt / "local" / "img").read_bytes()
         assert data[:len(synced)] == synced
         assert data[len(synced):] == tail  # the dir backend kept the acknowledged write
-        info = image_info(tree, "local:img")
+        info = await stored_info(tree, "local:img")
         assert info["SIZE"] == backing_file(tree, info).stat().st_size == len(data)
         assert [a["PATH"] for a in info["ATTACHMENTS"]] == [f"{tree.mnt}/local/vm/disk.0"]
         assert os.readlink(tree.mnt / "local" / "vm" / "disk.0") == "../img"
@@ -154,12 +155,8 @@ async def test_fsynced_data_survives_kill9(tmp_path: Path) -> None:
         tree.stop()
     assert not is_mounted(tree.mnt)
     # the pool store is consistent: a fresh service on the same database finds nothing to fix
-    store = PoolStore(tree.db_url)
-    try:
-        service = Service(store, tree.state_dir, host="testhost", mountpoint=str(tree.mnt))
+    async with service_on(tree.db_url, tree.state_dir, mountpoint=str(tree.mnt)) as service:
         assert await service.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0,
-                                           "reservations": 0, "leases": 0}
-        counts = {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in service.list_backends()}
+                                             "reservations": 0, "leases": 0}
+        counts = {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in await service.list_backends()}
         assert counts == {"local": (1, 1)}
-    finally:
-        store.close()

@@ -29,11 +29,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, service_on
 from tm2fs.client import Client
+from tm2fs.core import ROOT
 from tm2fs.fs import CACHE_TIMEOUT
-from tm2fs.service import ROOT, Service
-from tm2fs.store import PoolStore
 
 pytestmark = pytest.mark.mount
 MiB = 2**20
@@ -264,47 +263,36 @@ def sh(*cmd: str | Path) -> str:
     return out.stdout.decode()
 
 
-def pool(tree: Daemon) -> tuple[Service, PoolStore]:
-    """A second view of the same pool store, as another host would have."""
-    store = PoolStore(tree.db_url)
-    return Service(store, tree.state_dir, host="testhost", mountpoint=str(tree.mnt)), store
+async def stored(tree: Daemon, address: str) -> dict:
+    """What the pool store says, read by a second service on the same database."""
+    async with service_on(tree.db_url, tree.state_dir, mountpoint=str(tree.mnt)) as service:
+        return await service.image_info(address, ROOT)
 
 
-def stored(tree: Daemon, address: str) -> dict:
-    service, store = pool(tree)
-    try:
-        return service.image_info(address, ROOT)
-    finally:
-        store.close()
+async def counts(tree: Daemon) -> dict[str, tuple[int, int]]:
+    async with service_on(tree.db_url, tree.state_dir, mountpoint=str(tree.mnt)) as service:
+        return {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in await service.list_backends()}
 
 
-def counts(tree: Daemon) -> dict[str, tuple[int, int]]:
-    service, store = pool(tree)
-    try:
-        return {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in service.list_backends()}
-    finally:
-        store.close()
-
-
-def test_cp_stat_truncate_rm(tree: Daemon, tmp_path: Path) -> None:
+async def test_cp_stat_truncate_rm(tree: Daemon, tmp_path: Path) -> None:
     local = tree.mnt / "local"
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(5 * MiB + 77))
     sh("cp", src, local / "a.img")
     sh("cmp", src, local / "a.img")
     assert sh("stat", "-c", "%s", local / "a.img").strip() == str(5 * MiB + 77)
-    info = stored(tree, "local:a.img")
+    info = await stored(tree, "local:a.img")
     assert info["SIZE"] == 5 * MiB + 77
     assert (tree.state_dir / "backends" / "local" / info["KEY"]).read_bytes() == src.read_bytes()
     # truncate: a new image (allocate) and an existing one (grow, then shrink)
     sh("truncate", "-s", "10M", local / "new.img")
     assert sh("stat", "-c", "%s", local / "new.img").strip() == str(10 * MiB)
-    assert stored(tree, "local:new.img")["SIZE"] == 10 * MiB
+    assert (await stored(tree, "local:new.img"))["SIZE"] == 10 * MiB
     sh("truncate", "-s", "10M", local / "a.img")
     grown = (local / "a.img").read_bytes()
     assert grown[:5 * MiB + 77] == src.read_bytes() and grown[5 * MiB + 77:] == bytes(
         10 * MiB - 5 * MiB - 77)
-    assert stored(tree, "local:a.img")["SIZE"] == 10 * MiB
+    assert (await stored(tree, "local:a.img"))["SIZE"] == 10 * MiB
     sh("truncate", "-s", "1000", local / "a.img")
     assert (local / "a.img").read_bytes() == src.read_bytes()[:1000]
     # ls -l, du (blocks follow the size), df
@@ -319,24 +307,21 @@ def test_cp_stat_truncate_rm(tree: Daemon, tmp_path: Path) -> None:
     sh("rm", local / "a.img", local / "new.img")
     assert os.listdir(local) == []
     assert os.listdir(tree.state_dir / "backends" / "local") == []
-    assert counts(tree) == {"local": (0, 0)}
+    assert await counts(tree) == {"local": (0, 0)}
 
 
 async def test_mv_inside_and_across_backends(tree: Daemon, tmp_path: Path) -> None:
-    service, store = pool(tree)
-    try:
-        await service.create_backend(ROOT, {"NAME": "b2", "TM": "dir",
-                                            "TM_RAW": f"PATH={tmp_path}/b2"})
-    finally:
-        store.close()
+    made = tree.backend_cli("create", "--name", "b2", "--tm", "dir",
+                            "--tm-raw", f"PATH={tmp_path}/b2")
+    assert made.returncode == 0, made.stderr
     local = tree.mnt / "local"
     data = os.urandom(3 * MiB + 5)
     (local / "a.img").write_bytes(data)
-    key = stored(tree, "local:a.img")["KEY"]
+    key = (await stored(tree, "local:a.img"))["KEY"]
     # inside a backend: a metadata update, the data stays under its key
     sh("mkdir", local / "vm-1")
     sh("mv", local / "a.img", local / "vm-1" / "disk.0")
-    info = stored(tree, "local:vm-1/disk.0")
+    info = await stored(tree, "local:vm-1/disk.0")
     assert (info["KEY"], info["SIZE"]) == (key, len(data))
     assert os.listdir(tree.state_dir / "backends" / "local") == [key]
     # across backends: rename answers EXDEV, so mv copies and deletes by itself
@@ -345,29 +330,29 @@ async def test_mv_inside_and_across_backends(tree: Daemon, tmp_path: Path) -> No
     assert e.value.errno == errno.EXDEV
     sh("mv", local / "vm-1" / "disk.0", tree.mnt / "b2" / "disk.0")
     assert (tree.mnt / "b2" / "disk.0").read_bytes() == data
-    moved = stored(tree, "b2:disk.0")
+    moved = await stored(tree, "b2:disk.0")
     assert moved["SIZE"] == len(data) and moved["KEY"] != key
     assert (tmp_path / "b2" / moved["KEY"]).read_bytes() == data
     assert os.listdir(tree.state_dir / "backends" / "local") == []
-    assert counts(tree) == {"local": (0, 0), "b2": (1, 0)}
+    assert await counts(tree) == {"local": (0, 0), "b2": (1, 0)}
 
 
-def test_symlink_attaches_and_rm_detaches(tree: Daemon) -> None:
+async def test_symlink_attaches_and_rm_detaches(tree: Daemon) -> None:
     local = tree.mnt / "local"
     sh("truncate", "-s", "1M", local / "disk.img")
     sh("mkdir", local / "vm-7")
     sh("ln", "-s", local / "disk.img", local / "vm-7" / "disk.0")  # absolute, into the mount
-    assert counts(tree) == {"local": (1, 1)}
-    assert [a["PATH"] for a in stored(tree, "local:disk.img")["ATTACHMENTS"]] == [
+    assert await counts(tree) == {"local": (1, 1)}
+    assert [a["PATH"] for a in (await stored(tree, "local:disk.img"))["ATTACHMENTS"]] == [
         f"{tree.mnt}/local/vm-7/disk.0"]
     assert sh("stat", "-L", "-c", "%s", local / "vm-7" / "disk.0").strip() == str(MiB)
     sh("ln", "-s", "../disk.img", local / "vm-7" / "disk.1")  # relative
-    assert counts(tree) == {"local": (1, 2)}
+    assert await counts(tree) == {"local": (1, 2)}
     sh("rm", local / "vm-7" / "disk.0")
-    assert counts(tree) == {"local": (1, 1)}
+    assert await counts(tree) == {"local": (1, 1)}
     sh("rm", "-rf", local / "vm-7")
-    assert counts(tree) == {"local": (1, 0)}
-    assert stored(tree, "local:disk.img")["ATTACHMENTS"] == []
+    assert await counts(tree) == {"local": (1, 0)}
+    assert (await stored(tree, "local:disk.img"))["ATTACHMENTS"] == []
 
 
 def test_api_changes_reach_the_kernel_before_its_cache_expires(daemon: Daemon) -> None:

@@ -15,7 +15,7 @@ import trio
 
 from tm2fs import errors as err
 from tm2fs import placement
-from tm2fs.service import ROOT, Caller, Service
+from tm2fs.core import ROOT, Caller, Service
 from tm2fs.store import Backend, PoolStore
 
 M = 2**20
@@ -64,8 +64,8 @@ async def seed_pool(service: Service, tmp_path: Path) -> None:
 class Model:
     """An independent, naive re-statement of the rules: what the policy says should happen."""
 
-    def __init__(self, service: Service) -> None:
-        self.b = {v["NAME"]: dict(v, ALLOCATED=0) for v in service.list_backends()}
+    def __init__(self, backends: list[dict]) -> None:
+        self.b = {v["NAME"]: dict(v, ALLOCATED=0) for v in backends}
 
     def room(self, v: dict) -> int:
         reserve = int(v["CAPACITY"] * v["RESERVED"])
@@ -86,7 +86,7 @@ class Model:
 async def test_seed_pool_thousand_disks_land_where_the_policy_says(service: Service,
                                                                    tmp_path: Path) -> None:
     await seed_pool(service, tmp_path)
-    model = Model(service)
+    model = Model(await service.list_backends())
     rng = random.Random(7)
     wants = [("TAGS @> SSD", "SSD"), ("TAGS @> DISTRIBUTED", "DISTRIBUTED"), ("", None),
              ("TAGS @> HDD7K & COST < 5", "HDD7K")]
@@ -107,7 +107,7 @@ async def test_seed_pool_thousand_disks_land_where_the_policy_says(service: Serv
     # the pool filled up: every SAN backend was used and many disks found no room
     assert all(landed.get(v["NAME"]) for v in model.b.values() if v["ROLE"] == "SAN")
     assert landed.get(None, 0) > 100 and "repo" not in landed
-    for v in service.list_backends():  # nobody past its ratio, and nothing left reserved
+    for v in await service.list_backends():  # nobody past its ratio, and nothing left reserved
         assert v["ALLOCATED"] <= v["CAPACITY"] * v["OVERCOMMIT"]
         assert v["ALLOCATED"] == model.b[v["NAME"]]["ALLOCATED"]
     with service.store.read() as tx:
@@ -120,16 +120,16 @@ async def test_policies_order_candidates(service: Service, tmp_path: Path) -> No
         await service.create_backend(ROOT, {"NAME": name, "TM": "dir", "COST": cost, "CAPACITY": cap,
                                             "PRIORITY": prio, "TM_RAW": f"PATH={tmp_path}/{name}"})
 
-    def order(**options: str) -> list[str]:
-        return [v["NAME"] for v in service.explain(ROOT, "1M", **options) if v["ORDER"]]
+    async def order(**options: str) -> list[str]:
+        return [v["NAME"] for v in await service.explain(ROOT, "1M", **options) if v["ORDER"]]
 
-    assert order() == ["b", "c", "a"]  # cost: lowest COST, then most AVAILABLE
-    assert order(policy="packing") == ["a", "c", "b"]
-    assert order(policy="striping") == ["b", "c", "a"]
-    assert order(policy="fixed") == ["b", "c", "a"]
-    assert order(rank="-PRIORITY") == ["a", "c", "b"]
-    assert order(rank="COST * 1000 - AVAILABLE / 1M") == ["a", "c", "b"]
-    assert order(requirements='NAME = "[ab]"') == ["b", "a"]
+    assert await order() == ["b", "c", "a"]  # cost: lowest COST, then most AVAILABLE
+    assert await order(policy="packing") == ["a", "c", "b"]
+    assert await order(policy="striping") == ["b", "c", "a"]
+    assert await order(policy="fixed") == ["b", "c", "a"]
+    assert await order(rank="-PRIORITY") == ["a", "c", "b"]
+    assert await order(rank="COST * 1000 - AVAILABLE / 1M") == ["a", "c", "b"]
+    assert await order(requirements='NAME = "[ab]"') == ["b", "a"]
 
 
 async def test_explain_says_why_for_every_backend(service: Service, tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ async def test_explain_says_why_for_every_backend(service: Service, tmp_path: Pa
     await service.create_backend(ROOT, {"NAME": "repo", "TM": "dir", "ROLE": "REPOSITORY",
                                         "TM_RAW": f"PATH={tmp_path}/repo"})
     await service.set_enabled(ROOT, "off", False)
-    verdicts = {v["NAME"]: v for v in service.explain(ROOT, "100M", requirements="TAGS @> SSD")}
+    verdicts = {v["NAME"]: v for v in await service.explain(ROOT, "100M", requirements="TAGS @> SSD")}
     assert "requirements" in verdicts["local"]["VERDICT"] and "TAGS" in verdicts["local"]["VERDICT"]
     assert "virtual space" in verdicts["ssd"]["VERDICT"]
     assert verdicts["off"]["VERDICT"].startswith("state is DISABLED")
@@ -149,7 +149,7 @@ async def test_explain_says_why_for_every_backend(service: Service, tmp_path: Pa
         await service.allocate("auto:x", "100M", ROOT, place={"requirements": "TAGS @> SSD"})
     assert "ssd: virtual space" in e.value.message and "--explain" in e.value.hint
     # a repository is chosen for base images, and only when asked
-    assert [v["NAME"] for v in service.explain(ROOT, "1M", role="REPOSITORY") if v["ORDER"]] == ["repo"]
+    assert [v["NAME"] for v in await service.explain(ROOT, "1M", role="REPOSITORY") if v["ORDER"]] == ["repo"]
 
 
 async def test_permission_filters_backends(service: Service, tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ async def test_permission_filters_backends(service: Service, tmp_path: Path) -> 
                                         "PERMISSIONS": "0700", "TM_RAW": f"PATH={tmp_path}/mine"})
     await service.create_backend(ROOT, {"NAME": "theirs", "TM": "dir", "COST": 0,
                                         "PERMISSIONS": "0755", "TM_RAW": f"PATH={tmp_path}/theirs"})
-    verdicts = {v["NAME"]: v for v in service.explain(USER, "1M")}
+    verdicts = {v["NAME"]: v for v in await service.explain(USER, "1M")}
     assert verdicts["theirs"]["VERDICT"].startswith("permission denied")
     info = await service.allocate("auto:vm/disk", "1M", USER)
     assert info["BACKEND"] in ("mine", "local")  # local is 0777 by default
@@ -170,23 +170,23 @@ async def test_permission_filters_backends(service: Service, tmp_path: Path) -> 
     ('NAME = "x', "string"),
 ])
 async def test_bad_requirements_create_nothing(service: Service, text: str, error: str) -> None:
-    before = service.list_backends()
+    before = await service.list_backends()
     with pytest.raises(err.InvalidArgument, match=error) as e:
         await service.allocate("auto:vm-1/disk.0", "1M", ROOT, place={"requirements": text})
     assert e.value.status == 400
-    assert service.list_backends() == before
-    assert service.backend_info("local", True)["IMAGES"] == []
+    assert await service.list_backends() == before
+    assert (await service.backend_info("local", True))["IMAGES"] == []
     with pytest.raises(err.NotFound):  # not even the VM folder
-        service.image_info("local:vm-1", ROOT)
+        await service.image_info("local:vm-1", ROOT)
 
 
 async def test_requirements_that_match_nothing_say_so(service: Service) -> None:
     with pytest.raises(err.InvalidArgument, match="match no backend"):
         await service.allocate("auto:d", "1M", ROOT, place={"requirements": "TAGS @> NVME"})
     with pytest.raises(err.InvalidArgument, match="policy"):
-        service.explain(ROOT, "1M", policy="random")
+        await service.explain(ROOT, "1M", policy="random")
     with pytest.raises(err.InvalidArgument):
-        service.explain(ROOT, "1M", role="CACHE")
+        await service.explain(ROOT, "1M", role="CACHE")
 
 
 async def test_reservations_are_given_back_on_failure(service: Service, tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ async def test_reservations_are_given_back_on_failure(service: Service, tmp_path
     with service.store.read() as tx:
         assert tx.reservations() == []
         assert tx.allocated(1) == 2 * M
-    assert service.backend_info("local")["ALLOCATED"] == 2 * M
+    assert (await service.backend_info("local"))["ALLOCATED"] == 2 * M
 
 
 async def test_explicit_backend_and_growth_respect_the_limit(service: Service, tmp_path: Path) -> None:
@@ -214,7 +214,7 @@ async def test_explicit_backend_and_growth_respect_the_limit(service: Service, t
     await service.update_backend(ROOT, "small", {"OVERCOMMIT": "2"})
     await service.resize("small:a", "9M", ROOT)
     await service.allocate("small:b", "7M", ROOT)  # 16 <= 8 x 2
-    assert service.backend_info("small")["ALLOCATED"] == 16 * M
+    assert (await service.backend_info("small"))["ALLOCATED"] == 16 * M
 
 
 async def test_backend_placement_attributes_are_checked(service: Service, tmp_path: Path) -> None:
@@ -225,7 +225,7 @@ async def test_backend_placement_attributes_are_checked(service: Service, tmp_pa
                                                 "TM_RAW": f"PATH={tmp_path}/z"})
     with pytest.raises(err.InvalidArgument, match="reserved"):
         await service.create_backend(ROOT, {"NAME": "auto", "TM": "dir"})
-    assert [b["NAME"] for b in service.list_backends()] == ["local"]
+    assert [b["NAME"] for b in await service.list_backends()] == ["local"]
 
 
 # ---------------------------------------------------------------------- concurrency
@@ -233,13 +233,13 @@ async def test_backend_placement_attributes_are_checked(service: Service, tmp_pa
 WORKER = """
 import json, sys, trio
 from tm2fs import errors as err
-from tm2fs.service import ROOT, Service
+from tm2fs.core import ROOT, Service
 from tm2fs.store import PoolStore
 
 url, state, host, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
 async def main():
-    service = Service(PoolStore(url), state, host=host)
+    service = await Service(PoolStore(url), state, host=host).start()
     ok = full = 0
     for i in range(count):
         try:
@@ -247,6 +247,7 @@ async def main():
             ok += 1
         except err.NoSpace:
             full += 1
+    await service.stop()
     print(json.dumps({"ok": ok, "full": full}))
 
 trio.run(main)
@@ -257,7 +258,7 @@ trio.run(main)
 async def test_many_processes_never_overcommit(store_url: str, tmp_path: Path) -> None:
     """8 processes x 200 placements at once on 4 small backends: room for about a fifth."""
     store = PoolStore(store_url)
-    service = Service(store, tmp_path / "state", host="setup")
+    service = await Service(store, tmp_path / "state", host="setup").start()
     for i, (cap, ratio) in enumerate((("48M", 1), ("64M", 1), ("32M", 2), ("40M", 1.5))):
         await service.create_backend(ROOT, {"NAME": f"b{i}", "TM": "dir", "CAPACITY": cap,
                                             "OVERCOMMIT": ratio, "TM_RAW": f"PATH={tmp_path}/b{i}"})
@@ -285,6 +286,7 @@ async def test_many_processes_never_overcommit(store_url: str, tmp_path: Path) -
                 im.key for im in images if im.backend_id == b.id)
         rows = tx.c.execute(sa.text("SELECT count(*) FROM namespace WHERE image_id IS NOT NULL"))
         assert rows.scalar_one() == ok
+    await service.stop()
     store.close()
 
 

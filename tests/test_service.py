@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 
 from tm2fs import errors as err
-from tm2fs.service import ROOT, Caller, Service
+from tm2fs.core import ROOT, Caller, Service
 from tm2fs.store import PoolStore
 
 USER = Caller(1000, 1000)
 
 
-def snapshot(service: Service) -> list[dict]:
+async def snapshot(service: Service) -> list[dict]:
     """What a user could see of the pool, minus clocks."""
     out = []
-    for b in service.list_backends():
+    for b in await service.list_backends():
         b = {k: v for k, v in b.items() if k not in ("UPDATED", "MONITORED", "FREE", "USED", "AVAILABLE")}
-        b["IMAGES"] = [(i["PATH"], i["SIZE"]) for i in service.backend_info(b["ID"], True)["IMAGES"]]
+        b["IMAGES"] = [(i["PATH"], i["SIZE"]) for i in (await service.backend_info(b["ID"], True))["IMAGES"]]
         out.append(b)
     return out
 
@@ -48,13 +48,13 @@ async def second_backend(service: Service, tmp_path: Path, name: str = "b2") -> 
 
 
 async def test_default_backend(service: Service, tmp_path: Path) -> None:
-    [b] = service.list_backends()
+    [b] = await service.list_backends()
     assert (b["NAME"], b["STATE"], b["TM"], b["ROLE"], b["NBIMAGE"]) == ("local", "READY", "dir",
                                                                         "SAN", 0)
     assert b["TM_RAW"]["PATH"] == str(tmp_path / "state" / "backends" / "local")
     assert b["CAPACITY"] > 0 and 0 <= b["FREE"] <= b["CAPACITY"]
     await service.ensure_default_backend()  # idempotent
-    assert len(service.list_backends()) == 1
+    assert len(await service.list_backends()) == 1
 
 
 async def test_eleven_actions(service: Service, tmp_path: Path) -> None:
@@ -77,15 +77,15 @@ async def test_eleven_actions(service: Service, tmp_path: Path) -> None:
     with pytest.raises(err.Exists):
         await service.open_address("b2:pushed", ROOT, writable=True, create=True, exclusive=True)
     link = str(tmp_path / "disk.0")
-    service.attach("local:a.img", link, ROOT)  # attach
-    assert service.backend_info("local")["NBVM"] == 1
+    await service.attach("local:a.img", link, ROOT)  # attach
+    assert (await service.backend_info("local"))["NBVM"] == 1
     with pytest.raises(err.Busy):
         await service.delete("local:a.img", ROOT)
-    service.detach("local:a.img", link, ROOT)  # detach
+    await service.detach("local:a.img", link, ROOT)  # detach
     await service.delete("local:a.img", ROOT)  # delete
     with pytest.raises(err.NotFound):
         service.get_size("local:a.img", ROOT)
-    counts = {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in service.list_backends()}
+    counts = {b["NAME"]: (b["NBIMAGE"], b["NBVM"]) for b in await service.list_backends()}
     assert counts == {"local": (1, 0), "b2": (2, 0)}
 
 
@@ -118,28 +118,28 @@ async def test_resize_refuses_to_shrink_unless_asked(service: Service) -> None:
                                      "local:" + "x" * 256, "local:/abs", "nocolon", ":x",
                                      "nosuch:a", "99:a", "local:a//b"])
 async def test_bad_addresses_change_nothing(service: Service, address: str) -> None:
-    before = snapshot(service)
+    before = await snapshot(service)
     with pytest.raises(err.Tm2Error) as e:
         await service.allocate(address, "1M", ROOT)
     assert e.value.status in (400, 404)
-    assert snapshot(service) == before
+    assert await snapshot(service) == before
 
 
 @pytest.mark.parametrize("size", ["-1", "10Q", "1.5.2G", "", "abc", "9E", str(2**63)])
 async def test_bad_sizes_change_nothing(service: Service, size: str) -> None:
-    before = snapshot(service)
+    before = await snapshot(service)
     with pytest.raises(err.Tm2Error) as e:
         await service.allocate("local:x", size, ROOT)
     assert e.value.status == 400
-    assert snapshot(service) == before
-    assert os.listdir(service.backend_info("local")["TM_RAW"]["PATH"]) == []
+    assert await snapshot(service) == before
+    assert os.listdir((await service.backend_info("local"))["TM_RAW"]["PATH"]) == []
 
 
 async def test_larger_than_the_backend_is_refused(service: Service) -> None:
-    cap = service.backend_info("local")["CAPACITY"]
+    cap = (await service.backend_info("local"))["CAPACITY"]
     with pytest.raises(err.NoSpace, match="cannot take"):
         await service.allocate("local:huge", cap + 1, ROOT)
-    assert service.backend_info("local")["NBIMAGE"] == 0
+    assert (await service.backend_info("local"))["NBIMAGE"] == 0
 
 
 @pytest.mark.parametrize("spec", [
@@ -155,15 +155,15 @@ async def test_larger_than_the_backend_is_refused(service: Service) -> None:
     {"NAME": "local", "TM": "dir"},
 ])
 async def test_bad_backend_specs_change_nothing(service: Service, spec: dict) -> None:
-    before = snapshot(service)
+    before = await snapshot(service)
     with pytest.raises(err.Tm2Error) as e:
         await service.create_backend(ROOT, spec)
     assert e.value.status in (400, 409)
-    assert snapshot(service) == before
+    assert await snapshot(service) == before
 
 
 async def test_only_root_administers(service: Service) -> None:
-    before = snapshot(service)
+    before = await snapshot(service)
     with pytest.raises(err.PermissionDenied):
         await service.create_backend(USER, {"NAME": "mine", "TM": "dir"})
     for call in (service.update_backend(USER, "local", {"COST": 1}),
@@ -171,7 +171,7 @@ async def test_only_root_administers(service: Service) -> None:
                  service.delete_backend(USER, "local")):
         with pytest.raises(err.PermissionDenied):
             await call
-    assert snapshot(service) == before
+    assert await snapshot(service) == before
 
 
 async def test_user_and_group_come_from_the_caller(service: Service, tmp_path: Path) -> None:
@@ -194,9 +194,9 @@ async def test_delete_backend_refused_while_it_holds_images(service: Service, tm
     await service.allocate("b2:a", "1M", ROOT)
     with pytest.raises(err.Busy, match="holds 1 image"):
         await service.delete_backend(ROOT, "b2")
-    assert service.backend_info("b2")["NBIMAGE"] == 1
+    assert (await service.backend_info("b2"))["NBIMAGE"] == 1
     await service.delete_backend(ROOT, "b2", force=True)
-    assert [b["NAME"] for b in service.list_backends()] == ["local"]
+    assert [b["NAME"] for b in await service.list_backends()] == ["local"]
     assert os.listdir(tmp_path / "b2") == []
 
 
@@ -219,16 +219,16 @@ async def test_update_backend(service: Service) -> None:
 async def test_disabled_backend_is_read_only(service: Service) -> None:
     await service.allocate("local:a", "1M", ROOT)
     await service.set_enabled(ROOT, "local", False)
-    assert service.backend_info("local")["STATE"] == "DISABLED"
+    assert (await service.backend_info("local"))["STATE"] == "DISABLED"
     with pytest.raises(err.ReadOnly):
         await service.allocate("local:b", "1M", ROOT)
     with pytest.raises(err.ReadOnly):
         await service.delete("local:a", ROOT)
     assert len(await read_all(service, "local:a")) == 2**20
     await service.monitor_backend(service.find_backend("local").id)  # stays DISABLED
-    assert service.backend_info("local")["STATE"] == "DISABLED"
+    assert (await service.backend_info("local"))["STATE"] == "DISABLED"
     await service.set_enabled(ROOT, "local", True)
-    assert service.backend_info("local")["STATE"] == "READY"
+    assert (await service.backend_info("local"))["STATE"] == "READY"
     await service.delete("local:a", ROOT)
 
 
@@ -236,10 +236,10 @@ async def test_disabled_backend_is_read_only(service: Service) -> None:
 async def test_error_backend_answers_eio_and_recovers(service: Service, tmp_path: Path) -> None:
     await second_backend(service, tmp_path)
     await write_all(service, "local:a", b"keep me")
-    path = Path(service.backend_info("local")["TM_RAW"]["PATH"])
+    path = Path((await service.backend_info("local"))["TM_RAW"]["PATH"])
     path.rename(path.with_name("moved"))
     await service.monitor_backend(service.find_backend("local").id)
-    info = service.backend_info("local")
+    info = await service.backend_info("local")
     assert info["STATE"] == "ERROR" and "gone" in info["ERROR"]
     with pytest.raises(err.BackendUnavailable) as e:
         await read_all(service, "local:a")
@@ -247,23 +247,23 @@ async def test_error_backend_answers_eio_and_recovers(service: Service, tmp_path
     await service.allocate("b2:still-works", "1M", ROOT)  # the rest of the pool works
     path.with_name("moved").rename(path)
     await service.monitor_backend(service.find_backend("local").id)
-    assert service.backend_info("local")["STATE"] == "READY"
+    assert (await service.backend_info("local"))["STATE"] == "READY"
     assert await read_all(service, "local:a") == b"keep me"
 
 
 async def test_namespace_rules(service: Service, tmp_path: Path) -> None:
     root = service.find_backend("local").root_ino
-    d = service.mkdir(root, "vm-42", 0o755, ROOT)
+    d = await service.mkdir(root, "vm-42", 0o755, ROOT)
     with pytest.raises(err.Exists):
-        service.mkdir(root, "vm-42", 0o755, ROOT)
+        await service.mkdir(root, "vm-42", 0o755, ROOT)
     with pytest.raises(err.NotPermitted):  # the top level holds only backends
-        service.mkdir(1, "newdir", 0o755, ROOT)
+        await service.mkdir(1, "newdir", 0o755, ROOT)
     await service.allocate("local:vm-42/disk.0", "1M", ROOT)
     with pytest.raises(err.NotEmpty):
-        service.rmdir(root, "vm-42", ROOT)
-    key = service.image_info("local:vm-42/disk.0", ROOT)["KEY"]
+        await service.rmdir(root, "vm-42", ROOT)
+    key = (await service.image_info("local:vm-42/disk.0", ROOT))["KEY"]
     await service.rename(d.ino, "disk.0", root, "moved", ROOT)  # metadata only: key unchanged
-    assert service.image_info("local:moved", ROOT)["KEY"] == key
+    assert (await service.image_info("local:moved", ROOT))["KEY"] == key
     await second_backend(service, tmp_path)
     with pytest.raises(err.CrossBackend) as e:
         await service.rename(root, "moved", service.find_backend("b2").root_ino, "x", ROOT)
@@ -273,28 +273,28 @@ async def test_namespace_rules(service: Service, tmp_path: Path) -> None:
     await service.allocate("local:other", "2M", ROOT)
     await service.rename(root, "other", root, "moved", ROOT)  # replaces, old data goes
     assert service.get_size("local:moved", ROOT) == 2 * 2**20
-    assert service.backend_info("local")["NBIMAGE"] == 1
+    assert (await service.backend_info("local"))["NBIMAGE"] == 1
 
 
 async def test_symlink_on_the_mount_is_an_attachment(service: Service) -> None:
     root = service.find_backend("local").root_ino
     await service.allocate("local:img", "1M", ROOT)
-    d = service.mkdir(root, "vm-1", 0o755, ROOT)
-    service.symlink(d.ino, "disk.0", "../img", ROOT)
-    service.symlink(d.ino, "abs", f"{service.mountpoint}/local/img", ROOT)
-    service.symlink(d.ino, "elsewhere", "/etc/passwd", ROOT)
-    info = service.image_info("local:img", ROOT)
+    d = await service.mkdir(root, "vm-1", 0o755, ROOT)
+    await service.symlink(d.ino, "disk.0", "../img", ROOT)
+    await service.symlink(d.ino, "abs", f"{service.mountpoint}/local/img", ROOT)
+    await service.symlink(d.ino, "elsewhere", "/etc/passwd", ROOT)
+    info = await service.image_info("local:img", ROOT)
     assert sorted(a["PATH"] for a in info["ATTACHMENTS"]) == [
         f"{service.mountpoint}/local/vm-1/abs", f"{service.mountpoint}/local/vm-1/disk.0"]
-    assert service.backend_info("local")["NBVM"] == 2
+    assert (await service.backend_info("local"))["NBVM"] == 2
     await service.rename(d.ino, "disk.0", d.ino, "disk.1", ROOT)
     assert f"{service.mountpoint}/local/vm-1/disk.1" in [
-        a["PATH"] for a in service.image_info("local:img", ROOT)["ATTACHMENTS"]]
+        a["PATH"] for a in (await service.image_info("local:img", ROOT))["ATTACHMENTS"]]
     with pytest.raises(err.Busy):
-        service.detach("local:img", f"{service.mountpoint}/local/vm-1/abs", ROOT)
+        await service.detach("local:img", f"{service.mountpoint}/local/vm-1/abs", ROOT)
     await service.unlink(d.ino, "disk.1", ROOT)
     await service.unlink(d.ino, "abs", ROOT)
-    assert service.backend_info("local")["NBVM"] == 0
+    assert (await service.backend_info("local"))["NBVM"] == 0
 
 
 async def test_unlinked_while_open_keeps_data_until_close(service: Service) -> None:
@@ -306,7 +306,7 @@ async def test_unlinked_while_open_keeps_data_until_close(service: Service) -> N
     assert os.path.exists(path)
     await service.release(of)
     assert not os.path.exists(path)
-    assert service.backend_info("local")["NBIMAGE"] == 0
+    assert (await service.backend_info("local"))["NBIMAGE"] == 0
 
 
 async def test_fsync_commits_size(service: Service, store: PoolStore) -> None:
@@ -325,19 +325,20 @@ async def test_fsync_commits_size(service: Service, store: PoolStore) -> None:
 async def test_reconcile_after_crash(service: Service, store: PoolStore, tmp_path: Path) -> None:
     """A daemon killed mid-way leaves unnamed keys, orphan rows and stale sizes: all are fixed."""
     await write_all(service, "local:kept", b"k" * 10)
-    backing = Path(service.backend_info("local")["TM_RAW"]["PATH"])
+    backing = Path((await service.backend_info("local"))["TM_RAW"]["PATH"])
     (backing / ("f" * 32)).write_bytes(b"leftover")  # allocated, crashed before the rows
     os.truncate(service.local_path("local:kept", ROOT), 4096)  # written, crashed before fsync
     with store.begin() as tx:  # rows of an image whose unlink did not finish
         tx.insert_image(service.find_backend("local").id, "e" * 32, 1)
-    fresh = Service(store, tmp_path / "state", host="testhost")
+    fresh = await Service(store, tmp_path / "state", host="testhost").start()
     fixed = await fresh.reconcile()
     assert fixed == {"orphans": 1, "leftovers": 1, "sizes": 1, "links": 0,
                      "reservations": 0, "leases": 0}
     assert fresh.get_size("local:kept", ROOT) == 4096
-    assert sorted(os.listdir(backing)) == [service.image_info("local:kept", ROOT)["KEY"]]
+    assert sorted(os.listdir(backing)) == [(await service.image_info("local:kept", ROOT))["KEY"]]
     assert await fresh.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0,
-                                           "reservations": 0, "leases": 0}
+                                       "reservations": 0, "leases": 0}
+    await fresh.stop(clean=False)
 
 
 async def test_statfs(service: Service) -> None:

@@ -17,8 +17,8 @@ import trio
 
 from . import __version__
 from . import errors as err
+from .core import COPY_CHUNK, STREAM_DEPTH, Caller, Service, read_chunks, write_chunks
 from .httpserver import Request, Response, serve_unix
-from .service import COPY_CHUNK, STREAM_DEPTH, Caller, Service, read_chunks, write_chunks
 from .sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _flag(value: Any) -> bool:
 
 @route("GET", "/v1/backends", "List the storage backends of the pool")
 async def list_backends(svc: Service, req: Request) -> Any:
-    return svc.list_backends()
+    return await svc.list_backends()
 
 
 @route("POST", "/v1/backends", "Create a backend from template attributes (NAME, TM, TM_RAW, ...)",
@@ -81,7 +81,7 @@ async def create_backend(svc: Service, req: Request) -> Any:
 
 @route("GET", "/v1/backends/{ref}", "Show one backend (by name or ID) with its images")
 async def show_backend(svc: Service, req: Request, ref: str) -> Any:
-    return svc.backend_info(ref, detail=True)
+    return await svc.backend_info(ref, detail=True)
 
 
 @route("PATCH", "/v1/backends/{ref}", "Update a backend's attributes (merge; empty removes)")
@@ -129,7 +129,7 @@ async def allocate(svc: Service, req: Request) -> Any:
        body=("size", *PLACE))
 async def place(svc: Service, req: Request) -> Any:
     data = await _object(req)
-    return svc.explain(caller_of(req), _arg(data, "size"), **_place(data))
+    return await svc.explain(caller_of(req), _arg(data, "size"), **_place(data))
 
 
 @route("POST", "/v1/images/resize", "resize: grow (or shrink with shrink=true)",
@@ -154,7 +154,7 @@ async def get_size(svc: Service, req: Request) -> Any:
 
 @route("GET", "/v1/images/info", "An image's attributes and attachments", query=("address",))
 async def info(svc: Service, req: Request) -> Any:
-    return svc.image_info(_arg(req.query, "address"), caller_of(req))
+    return await svc.image_info(_arg(req.query, "address"), caller_of(req))
 
 
 @route("POST", "/v1/images/clone", "clone: COW/reflink inside a backend, a copy across; dst "
@@ -169,14 +169,14 @@ async def clone(svc: Service, req: Request) -> Any:
        body=("address", "path", "host"))
 async def attach(svc: Service, req: Request) -> Any:
     data = await _object(req)
-    return Response.json(svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
+    return Response.json(await svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
                                     data.get("host")), 201)
 
 
 @route("POST", "/v1/images/detach", "detach: forget an attachment", body=("address", "path", "host"))
 async def detach(svc: Service, req: Request) -> Any:
     data = await _object(req)
-    svc.detach(_arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"))
+    await svc.detach(_arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"))
     return Response(204)
 
 
@@ -240,20 +240,20 @@ async def write(svc: Service, req: Request) -> Any:
                     log.error("could not remove half-pushed %s: %s", address, e.message)
         raise
     await svc.release(of)
-    return Response.json(svc.image_info(address, caller), 201 if push else 200)
+    return Response.json(await svc.image_info(address, caller), 201 if push else 200)
 
 
 @route("POST", "/v1/images/break-lease", "Break the write lease of a host that died holding it",
        body=("address", "force"))
 async def break_lease(svc: Service, req: Request) -> Any:
     data = await _object(req)
-    return svc.break_lease(_arg(data, "address"), caller_of(req), force=_flag(data.get("force")))
+    return await svc.break_lease(_arg(data, "address"), caller_of(req), force=_flag(data.get("force")))
 
 
 @route("GET", "/v1/hosts", "The hosts sharing the pool: heartbeat, leases, each one's view of "
        "the backends")
 async def list_hosts(svc: Service, req: Request) -> Any:
-    return svc.list_hosts()
+    return await svc.list_hosts()
 
 
 @route("GET", "/v1/images/localpath", "Where the image's bytes are on this host, if anywhere",

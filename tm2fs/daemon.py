@@ -117,26 +117,26 @@ def is_mounted(path: Path) -> bool:
 
 async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
     from . import api, fs, hosts, monitor
-    from .service import Service
+    from .core import Service
 
     state_dir = Path(args.state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
     mountpoint = Path(args.mountpoint).absolute()
     prepare_mountpoint(mountpoint)
-    store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
-    service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint))
-    service.host_timeout = args.host_timeout
-    service.register_host()
-    await service.monitor_all()
-    log.info("reconcile at start: %s", await service.reconcile())
-    if not args.no_default_backend:
-        await service.ensure_default_backend()
-
     clean = False
     async with contextlib.AsyncExitStack() as stack:
+        store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
         stack.callback(store.close)
-        stack.callback(lambda: clean and service.unregister_host())  # a crash: heartbeat stops
-        stack.push_async_callback(service.stop)
+        service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint))
+        service.host_timeout = args.host_timeout
+        await service.start()
+        # a crash: the heartbeat stops and leases stay until broken; a clean stop gives them back
+        stack.push_async_callback(lambda: service.stop(clean))
+        await service.register_host()
+        await service.monitor_all()
+        log.info("reconcile at start: %s", await service.reconcile())
+        if not args.no_default_backend:
+            await service.ensure_default_backend()
         pyfuse3.init(fs.Operations(service), str(mountpoint), fs.mount_options())
         # Unmount only on a clean stop; after a crash the mount stays (ENOTCONN).
         stack.callback(lambda: pyfuse3.close(unmount=clean))

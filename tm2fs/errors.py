@@ -46,13 +46,14 @@ FileTooBig = _kind("FileTooBig", E.EFBIG, 400, "too_big")
 Unsupported = _kind("Unsupported", E.EOPNOTSUPP, 501, "unsupported")
 BackendUnavailable = _kind("BackendUnavailable", E.EIO, 503, "backend_unavailable")
 Remote = _kind("Remote", E.EREMOTE, 409, "remote")  # a host-local backend of another host
+StoreUnavailable = _kind("StoreUnavailable", E.EIO, 503, "store_unavailable")  # pool store stalled
 
 BY_CODE: dict[str, type[Tm2Error]] = {
     cls.code: cls
     for cls in (
         Tm2Error, NotFound, Exists, InvalidArgument, NameTooLong, PermissionDenied, NotPermitted,
         NotEmpty, IsADirectory, NotADirectory, CrossBackend, ReadOnly, Busy, NoSpace, FileTooBig,
-        Unsupported, BackendUnavailable, Remote,
+        Unsupported, BackendUnavailable, Remote, StoreUnavailable,
     )
 }
 

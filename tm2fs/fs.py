@@ -37,9 +37,9 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .core import Attr, Caller, OpenFile, Service
 from .errors import Tm2Error
 from .names import NAME_MAX
-from .service import Attr, Caller, OpenFile, Service
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,11 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors():
-            return _entry(self.service.mkdir(parent_inode, _name(name), mode, _caller(ctx)))
+            return _entry(await self.service.mkdir(parent_inode, _name(name), mode, _caller(ctx)))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with _errors():
-            self.service.rmdir(parent_inode, _name(name), _caller(ctx))
+            await self.service.rmdir(parent_inode, _name(name), _caller(ctx))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with _errors():
@@ -232,7 +232,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors():
-            return _entry(self.service.symlink(parent_inode, _name(name), _name(target),
+            return _entry(await self.service.symlink(parent_inode, _name(name), _name(target),
                                                _caller(ctx)))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -296,6 +296,11 @@ class Operations(pyfuse3.Operations):
 
     async def releasedir(self, fh: int) -> None:
         return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """The directory's entries (every metadata change so far) reach stable storage."""
+        with _errors():
+            await self.service.sync()
 
 
 def _statvfs(total: int | None, free: int | None) -> pyfuse3.StatvfsData:

@@ -5,29 +5,28 @@ dead, and only then may its write leases be broken. On PostgreSQL every change i
 channel; each daemon LISTENs on a connection of its own, in a thread (psycopg's async API is
 asyncio's), and hands each notification to the trio loop, which drops the caches concerned: the
 kernel's entries and attributes (pyfuse3 invalidation), open images' sizes, the backend list.
-The kernel's caches expire after fs.CACHE_TIMEOUT (1 s) anyway, so a notification lost (say
-while PostgreSQL restarts) delays a change by at most that.
+Each notification names the rows a transaction changed; the receiving daemon re-reads exactly
+those and applies them to its memory (`core/pool.py`). When notifications may have been lost (the
+LISTEN connection dropped, a flood overflowed the queue) the daemon re-reads everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
 import trio
 
-from .service import HEARTBEAT, Service
+from .background import every
+from .core import Service
+from .core.leases import HEARTBEAT
 
 log = logging.getLogger(__name__)
 
 
 async def heartbeat(service: Service) -> None:
-    while True:
-        await trio.sleep(HEARTBEAT)
-        try:
-            service.heartbeat()
-        except Exception as e:  # the store is away: the next beat tries again
-            log.error("heartbeat failed: %s", e)
+    await every("heartbeat", HEARTBEAT, service.heartbeat)
 
 
 async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -36,7 +35,7 @@ async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.
     if not service.store.shared:
         task_status.started()
         return
-    send, receive = trio.open_memory_channel[str](1000)
+    inbox = _Inbox()
     token = trio.lowlevel.current_trio_token()
     stop = threading.Event()
     conn = service.store.listen()  # here, so a store that cannot LISTEN fails the start
@@ -46,7 +45,7 @@ async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.
         while not stop.is_set():
             try:
                 for note in conn.notifies(timeout=0.5):
-                    trio.from_thread.run_sync(_offer, send, note.payload, trio_token=token)
+                    trio.from_thread.run_sync(inbox.offer, note.payload, trio_token=token)
             except trio.RunFinishedError:
                 break
             except Exception as e:
@@ -57,10 +56,14 @@ async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.
                     conn = service.store.listen()
                 except Exception as again:  # PostgreSQL still away: keep trying
                     log.error("cannot listen for changes yet: %s", again)
+                    continue
+                # notifications may have been missed meanwhile: re-read everything
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(inbox.offer, EVERYTHING, trio_token=token)
         conn.close()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_apply, service, receive)
+        nursery.start_soon(inbox.apply, service)
         task_status.started()
         try:
             await trio.to_thread.run_sync(pump, abandon_on_cancel=True)
@@ -68,16 +71,30 @@ async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.
             stop.set()
 
 
-def _offer(send: trio.MemorySendChannel[str], payload: str) -> None:
-    try:
-        send.send_nowait(payload)
-    except trio.WouldBlock:  # a flood: dropped; the 1 s cache timeouts still bound the delay
-        log.debug("change notification queue full; dropped one")
+EVERYTHING = '{"all": true}'
 
 
-async def _apply(service: Service, receive: trio.MemoryReceiveChannel[str]) -> None:
-    async for payload in receive:
+class _Inbox:
+    """Notifications waiting to be applied. A flood that overflows it is not lost: it turns into
+    one full re-read, since memory serves lookups and must not stay behind."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[str](1000)
+        self.overflowed = False
+
+    def offer(self, payload: str) -> None:
         try:
-            service.remote_change(payload)
-        except Exception:
-            log.exception("applying a change notification failed")
+            self.send.send_nowait(payload)
+        except trio.WouldBlock:
+            self.overflowed = True
+
+    async def apply(self, service: Service) -> None:
+        async for payload in self.receive:
+            if self.overflowed:
+                self.overflowed = False
+                payload = EVERYTHING
+            try:
+                await service.remote_change(payload)
+            except Exception as e:  # the store is away: a full re-read once it answers
+                log.error("applying a change notification failed: %s", e)
+                self.overflowed = True

@@ -7,36 +7,37 @@ a backend back from ERROR.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import trio
 
+from .background import every
+from .core import Service
 from .errors import NotFound
-from .service import Service
 
 log = logging.getLogger(__name__)
 
 
 async def run(service: Service, interval: float = 30.0, prompt: float = 1.0) -> None:
     next_full = trio.current_time()
-    while True:
+
+    async def step() -> None:
+        nonlocal next_full
         now = trio.current_time()
         if now >= next_full:
-            service.stale.clear()
-            await service.monitor_all()
+            service.stale = set()
             next_full = now + interval
+            await service.monitor_all()
         elif service.stale:
             stale, service.stale = service.stale, set()
             async with trio.open_nursery() as nursery:
                 for backend_id in stale:
-                    nursery.start_soon(_quiet_monitor, service, backend_id)
-        await trio.sleep(prompt)
+                    nursery.start_soon(_one, service, backend_id)
+
+    await every("monitor", prompt, step)
 
 
-async def _quiet_monitor(service: Service, backend_id: int) -> None:
-    try:
+async def _one(service: Service, backend_id: int) -> None:
+    with contextlib.suppress(NotFound):  # deleted meanwhile
         await service.monitor_backend(backend_id)
-    except NotFound:
-        pass  # deleted meanwhile
-    except Exception:  # a deleted backend, a driver bug: the next pass tries again
-        log.exception("monitoring backend %d failed", backend_id)

@@ -24,8 +24,8 @@ from typing import Any
 
 from . import errors as err
 from .expressions import Rank, Requirements, parse_rank, parse_requirements
+from .model import Backend
 from .sizes import format_size
-from .store import Backend
 
 POLICIES = ("cost", "packing", "striping", "fixed")
 DEFAULT_POLICY = "cost"

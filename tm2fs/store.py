@@ -2,8 +2,10 @@
 
 Everything the daemon knows about the pool lives here, so a restart (or another host) sees the same
 tree. Backends keep only image bytes under an opaque key. The store knows SQL and nothing of the
-rules: those are the service layer's. Callers never await while a transaction is open: the engine is
-synchronous and a SQLite writer that yields would block every other one.
+rules: those are the core's. It is synchronous and slow (a round trip to PostgreSQL, a commit to
+SQLite): the daemon calls it only from its store worker thread (`storeworker.py`), never from the
+trio loop. Each write transaction records which rows it touched (`Tx.delta`), so the in-memory view
+of every host can be brought up to date from exactly those rows.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from .model import ROOT_INO, Attachment, Backend, Image, Node, now_ns
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-ROOT_INO = 1
 CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
@@ -152,84 +155,6 @@ def _v1_to_v2(c: sa.Connection) -> None:
 MIGRATIONS: list = [_v1_to_v2]
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    ino: int
-    parent: int | None
-    name: str
-    backend_id: int | None
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    target: str | None
-    image_id: int | None
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_link(self) -> bool:
-        return stat.S_ISLNK(self.mode)
-
-
-@dataclass(frozen=True, slots=True)
-class Image:
-    id: int
-    backend_id: int
-    key: str
-    size: int
-    created: float
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    id: int
-    name: str
-    state: str
-    tm: str
-    tm_raw: dict[str, Any]
-    capacity: int | None
-    total: int | None
-    free: int | None
-    used: int | None
-    cost: int
-    overcommit: float
-    reserved: float
-    priority: int
-    role: str
-    tags: list[str]
-    attrs: dict[str, Any]
-    cluster: str
-    timeout: float
-    error: str | None
-    root_ino: int
-    created: float
-    updated: float
-    monitored: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Attachment:
-    id: int
-    image_id: int
-    host: str
-    path: str
-    link_ino: int | None
-    created: float
-
-
-def now_ns() -> int:
-    return time.time_ns()
-
-
 _decoded: dict[tuple, Backend] = {}  # row -> Backend: a pool of 10,000 backends re-reads in ms
 
 
@@ -259,11 +184,66 @@ def _node(row: Any) -> Node:
     return Node(**row._mapping)
 
 
+@dataclass
+class Delta:
+    """What one transaction changed, as the rows now are (None: deleted). Applied to each host's
+    in-memory view after the commit; `ids` is what other hosts are told (NOTIFY) to re-read."""
+
+    nodes: dict[int, Node | None] = field(default_factory=dict)
+    images: dict[int, Image | None] = field(default_factory=dict)
+    backends: dict[int, Backend | None] = field(default_factory=dict)
+    complete: bool = False  # a full re-read: whatever is not in here is gone
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.images or self.backends)
+
+    def ids(self) -> dict[str, list[int]]:
+        return {"n": sorted(self.nodes), "i": sorted(self.images), "b": sorted(self.backends)}
+
+
 class Tx:
-    """One transaction's worth of queries; the service composes them into its rules."""
+    """One transaction's worth of queries; the core composes them into its rules. Writes note the
+    rows they touch so `delta()` can read them back before the commit."""
 
     def __init__(self, conn: sa.Connection) -> None:
         self.c = conn
+        self.touched_nodes: set[int] = set()
+        self.touched_images: set[int] = set()
+        self.touched_backends: set[int] = set()
+
+    def delta(self) -> Delta:
+        """The touched rows as this transaction leaves them: a few indexed reads."""
+        d = Delta()
+        if self.touched_nodes:
+            found = self.nodes(sorted(self.touched_nodes))
+            d.nodes = {i: found.get(i) for i in self.touched_nodes}
+        if self.touched_images:
+            got = self.images_by_id(sorted(self.touched_images))
+            d.images = {i: got.get(i) for i in self.touched_images}
+        if self.touched_backends:
+            rows = self.c.execute(sa.select(backend).where(backend.c.id.in_(
+                sorted(self.touched_backends))))
+            got_b = {b.id: b for b in map(_backend, rows)}
+            d.backends = {i: got_b.get(i) for i in self.touched_backends}
+        return d
+
+    def read_delta(self, nodes: list[int], images: list[int], backends: list[int]) -> Delta:
+        """The rows another host said it changed, as they are now."""
+        self.touched_nodes.update(nodes)
+        self.touched_images.update(images)
+        self.touched_backends.update(backends)
+        return self.delta()
+
+    def everything(self) -> Delta:
+        """The whole namespace, every image and backend: a host's view at start, or after
+        notifications may have been lost."""
+        return Delta(nodes={r.ino: _node(r) for r in self.c.execute(sa.select(node))},
+                     images={r.id: Image(**r._mapping) for r in self.c.execute(sa.select(image))},
+                     backends={b.id: b for b in self.backends()}, complete=True)
+
+    def images_by_id(self, ids: list[int]) -> dict[int, Image]:
+        return {r.id: Image(**r._mapping)
+                for r in self.c.execute(sa.select(image).where(image.c.id.in_(ids)))}
 
     # backends
     def backends(self) -> list[Backend]:
@@ -281,12 +261,15 @@ class Tx:
         values = _encode_backend(values)
         t = time.time()
         result = self.c.execute(backend.insert().values(created=t, updated=t, **values))
-        return result.inserted_primary_key[0]
+        bid = result.inserted_primary_key[0]
+        self.touched_backends.add(bid)
+        return bid
 
     def update_backend(self, backend_id: int, **values: Any) -> None:
         values = _encode_backend(values)
         values.setdefault("updated", time.time())
         self.c.execute(backend.update().where(backend.c.id == backend_id).values(**values))
+        self.touched_backends.add(backend_id)
 
     def lock_backend(self, backend_id: int) -> Backend | None:
         """The backend row, locked until commit: reservations on one backend take turns.
@@ -385,6 +368,11 @@ class Tx:
         return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
 
     def delete_backend(self, backend_id: int) -> None:
+        self.touched_backends.add(backend_id)
+        self.touched_nodes.update(self.c.execute(
+            sa.select(node.c.ino).where(node.c.backend_id == backend_id)).scalars())
+        self.touched_images.update(self.c.execute(
+            sa.select(image.c.id).where(image.c.backend_id == backend_id)).scalars())
         self.c.execute(reservation.delete().where(reservation.c.backend_id == backend_id))
         self.c.execute(host_backend.delete().where(host_backend.c.backend_id == backend_id))
         self.c.execute(lease.delete().where(lease.c.image_id.in_(
@@ -451,13 +439,17 @@ class Tx:
         t = now_ns()
         for k in ("atime_ns", "mtime_ns", "ctime_ns"):
             values.setdefault(k, t)
-        return self.c.execute(node.insert().values(**values)).inserted_primary_key[0]
+        ino = self.c.execute(node.insert().values(**values)).inserted_primary_key[0]
+        self.touched_nodes.add(ino)
+        return ino
 
     def update_node(self, ino: int, **values: Any) -> None:
         self.c.execute(node.update().where(node.c.ino == ino).values(**values))
+        self.touched_nodes.add(ino)
 
     def delete_node(self, ino: int) -> None:
         self.c.execute(node.delete().where(node.c.ino == ino))
+        self.touched_nodes.add(ino)
 
     def node_by_image(self, image_id: int) -> Node | None:
         row = self.c.execute(sa.select(node).where(node.c.image_id == image_id)).first()
@@ -486,17 +478,21 @@ class Tx:
         return [Image(**r._mapping) for r in self.c.execute(q)]
 
     def insert_image(self, backend_id: int, key: str, size: int) -> int:
-        return self.c.execute(image.insert().values(
+        image_id = self.c.execute(image.insert().values(
             backend_id=backend_id, key=key, size=size, created=time.time())
         ).inserted_primary_key[0]
+        self.touched_images.add(image_id)
+        return image_id
 
     def set_image_size(self, image_id: int, size: int) -> None:
         self.c.execute(image.update().where(image.c.id == image_id).values(size=size))
+        self.touched_images.add(image_id)
 
     def delete_image(self, image_id: int) -> None:
         self.c.execute(lease.delete().where(lease.c.image_id == image_id))
         self.c.execute(attachment.delete().where(attachment.c.image_id == image_id))
         self.c.execute(image.delete().where(image.c.id == image_id))
+        self.touched_images.add(image_id)
 
     def orphan_images(self) -> list[Image]:
         """Images that no namespace entry names (left by a crash during an unlink)."""
@@ -573,13 +569,27 @@ class PoolStore:
             raise Exists("it exists (made concurrently elsewhere)",
                          "look again: another host made it meanwhile") from e
 
-    def notify(self, payload: str) -> None:
-        """Outside a transaction; inside one, `Tx.notify` (delivered at its commit) is cheaper."""
-        """Tell the other daemons on this store that something changed (PostgreSQL NOTIFY)."""
-        if self.shared:
-            with self.engine.connect() as conn:
-                conn.execute(sa.select(sa.func.pg_notify(CHANNEL, payload)))
-                conn.commit()
+    def sync(self) -> None:
+        """Make every committed transaction durable against power loss. PostgreSQL's commits are
+        (synchronous_commit). SQLite runs with synchronous=NORMAL (a commit reaches the WAL in the
+        OS, safe from a crash of the daemon): here one tiny commit under synchronous=FULL fsyncs
+        the WAL, and with it every commit before. (SQLite's own file handles only: a descriptor
+        opened and closed on its files elsewhere in the process would drop its POSIX locks.)"""
+        if self.engine.dialect.name != "sqlite":
+            return
+        raw = self.engine.raw_connection()
+        try:
+            db = raw.driver_connection
+            assert db is not None
+            db.execute("PRAGMA synchronous=FULL")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("UPDATE schema_info SET version = version")
+                db.execute("COMMIT")
+            finally:
+                db.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            raw.close()
 
     def listen(self) -> Any:
         """A dedicated psycopg connection LISTENing on the change channel (PostgreSQL only)."""
@@ -640,7 +650,9 @@ def _engine(url: str) -> sa.Engine:
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
+            # a commit survives a crash of the daemon at once (it is in the WAL, in the OS);
+            # against power loss the WAL is fsynced by `sync()`: on fsync, and within a second
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -651,7 +663,12 @@ def _engine(url: str) -> sa.Engine:
             conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    # No pre-ping (a round trip per transaction): a dead connection fails its statement, the pool
+    # drops it, and the next transaction connects again. A server that stops answering is noticed
+    # by TCP keepalives instead of hanging the store worker for ever.
+    return sa.create_engine(url, pool_size=2, max_overflow=2, connect_args={
+        "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+        "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000})
 
 
 def sqlite_url(path: str) -> str:

@@ -194,8 +194,11 @@ def directory_capacity(path: str | os.PathLike) -> Capacity:
     used = 0
     with os.scandir(path) as it:
         for entry in it:
-            if entry.is_file(follow_symlinks=False):
-                used += entry.stat(follow_symlinks=False).st_blocks * 512
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    used += entry.stat(follow_symlinks=False).st_blocks * 512
+            except FileNotFoundError:
+                continue  # deleted while we looked: not a fault of the backend
     return Capacity(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, used=used)
 
 

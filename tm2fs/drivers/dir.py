@@ -15,6 +15,7 @@ run in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -53,10 +54,14 @@ def is_remote(fs_type: str) -> bool:
 
 
 class FileHandle(Handle):
-    __slots__ = ("fd",)
+    """An image file. Its directory entry is made durable by the first fsync (allocate does not
+    sync: a create must not cost two disk flushes; durability is what fsync promises)."""
 
-    def __init__(self, fd: int) -> None:
+    __slots__ = ("dir", "fd")
+
+    def __init__(self, fd: int, directory: Path | None = None) -> None:
         self.fd = fd
+        self.dir = directory
 
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -69,6 +74,9 @@ class FileHandle(Handle):
 
     def flush(self) -> None:
         os.fsync(self.fd)
+        if self.dir is not None:
+            fsync_dir(self.dir)
+            self.dir = None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -133,20 +141,15 @@ class DirDriver(Driver):
             fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, size)
-                os.fsync(fd)
             finally:
                 os.close(fd)
-            fsync_dir(self.root)
 
         await trio.to_thread.run_sync(_allocate, abandon_on_cancel=True, limiter=self.limiter)
 
     async def delete(self, key: str) -> None:
         def _delete() -> None:
-            try:
-                os.unlink(self._path(key))
-            except FileNotFoundError:
-                return
-            fsync_dir(self.root)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(key))  # not synced: a key that comes back is swept
 
         await trio.to_thread.run_sync(_delete, abandon_on_cancel=True, limiter=self.limiter)
 
@@ -176,8 +179,8 @@ class DirDriver(Driver):
         if self.remote:
             fd = await trio.to_thread.run_sync(os.open, self._path(key), flags,
                                                abandon_on_cancel=True, limiter=self.limiter)
-            return ThreadedHandle(FileHandle(fd), self.limiter)
-        return FileHandle(os.open(self._path(key), flags))
+            return ThreadedHandle(FileHandle(fd, self.root), self.limiter)
+        return FileHandle(os.open(self._path(key), flags), self.root)
 
     async def keys(self) -> list[str]:
         return await trio.to_thread.run_sync(

@@ -1,0 +1,322 @@
+"""The TM2 actions by address (`BACKEND:PATH`, or `auto:PATH` for placement): what `tm2` and the
+API call. Each resolves its address in memory, checks the caller's rights, and uses the rooms'
+protocols: images are made only by `Images.create`, removed only by the namespace's unlink.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import uuid
+from typing import Any
+
+import trio
+
+from .. import errors as err
+from ..drivers.base import Progress
+from ..model import ROOT, Attachment, Backend, Caller, Node
+from ..names import AUTO, parse_address
+from ..sizes import parse_size
+from ..store import Tx
+from .backends import Backends, quietly
+from .images import Images
+from .leases import Leases
+from .namespace import Namespace
+from .openfiles import OpenFile, OpenFiles
+from .permissions import EXEC, READ, check
+from .placing import Placing
+from .pool import Pool
+from .streams import copy_data
+
+log = logging.getLogger(__name__)
+
+
+class Actions:
+    def __init__(self, pool: Pool, backends: Backends, namespace: Namespace, leases: Leases,
+                 placing: Placing, images: Images, files: OpenFiles) -> None:
+        self.pool = pool
+        self.backends = backends
+        self.ns = namespace
+        self.leases = leases
+        self.placing = placing
+        self.images = images
+        self.files = files
+
+    # ------------------------------------------------------------------ addresses
+
+    def resolve(self, address: str, caller: Caller) -> tuple[Backend, list[str], Node | None]:
+        """BACKEND:PATH -> backend, path components and the node if it exists."""
+        ref, parts = parse_address(address)
+        b = self.backends.find(ref)
+        n: Node | None = self.ns.get(b.root_ino)
+        for i, part in enumerate(parts):
+            assert n is not None
+            if not n.is_dir:
+                raise err.NotADirectory(f"{'/'.join(parts[:i])} is not a directory")
+            check(caller, n, EXEC)
+            child = self.pool.child(n.ino, part)
+            if child is None:
+                if i < len(parts) - 1:
+                    raise err.NotFound(f"{b.name}:{'/'.join(parts[:i + 1])} does not exist",
+                                       "create the directory first (mkdir on the mount)")
+                return b, parts, None
+            n = child
+        return b, parts, n
+
+    def image_node(self, address: str, caller: Caller) -> tuple[Backend, Node]:
+        b, _, n = self.resolve(address, caller)
+        if n is None:
+            raise err.NotFound(f"{address} does not exist",
+                               f"`ls` the backend directory or `onestoragebackend show {b.name}`")
+        if n.is_dir:
+            raise err.IsADirectory(f"{address} is a directory, not an image")
+        if n.image_id is None:
+            raise err.InvalidArgument(f"{address} is a symlink, not an image")
+        return b, n
+
+    def parent_of(self, address: str, caller: Caller) -> tuple[Backend, int, str]:
+        b, parts, n = self.resolve(address, caller)
+        if n is not None:
+            raise err.Exists(f"{address} exists", "delete it first or choose another name")
+        parent = b.root_ino
+        if len(parts) > 1:
+            _, _, pn = self.resolve(f"{b.id}:{'/'.join(parts[:-1])}", caller)
+            assert pn is not None
+            if not pn.is_dir:
+                raise err.NotADirectory(f"{'/'.join(parts[:-1])} is not a directory")
+            parent = pn.ino
+        return b, parent, parts[-1]
+
+    def address_of(self, ino: int) -> str:
+        """BACKEND:PATH of a namespace entry (e.g. where placement put it)."""
+        backend_name, _, path = self.pool.path(ino).partition("/")
+        return f"{backend_name}:{path}"
+
+    async def _target(self, address: str, caller: Caller, size: int, place: dict[str, Any] | None,
+                      role: str = "SAN") -> tuple[str, int | None, str | None]:
+        """`auto:PATH` -> the placed backend's `NAME:PATH` (its missing folders made, like
+        `mkdir -p`), the reservation and the key it holds; any other address as it is."""
+        ref, parts = parse_address(address)
+        if ref != AUTO:
+            return address, None, None
+        options = {k: v for k, v in (place or {}).items() if v not in (None, "")}
+        options.setdefault("role", role)
+        key = uuid.uuid4().hex
+        _, b, reservation = await self.placing.place(caller, size, key=key, **options)
+        assert b is not None
+        try:
+            parent = b.root_ino
+            for part in parts[:-1]:
+                child = self.pool.child(parent, part)
+                parent = child.ino if child else (await self.ns.mkdir(parent, part, 0o755,
+                                                                      caller)).ino
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.placing.unreserve(reservation))
+            raise
+        return f"{b.name}:{'/'.join(parts)}", reservation, key
+
+    # ------------------------------------------------------------------ the actions
+
+    async def image_info(self, address: str, caller: Caller) -> dict[str, Any]:
+        b, n = self.image_node(address, caller)
+        assert n.image_id is not None
+        image_id = n.image_id
+        attached = await self.pool.read(lambda tx: tx.attachments(image_id=image_id))
+        im = self.pool.images.get(image_id)
+        path = self.pool.path(n.ino)
+        return {"ID": image_id, "PATH": path, "SIZE": self.pool.image_size(image_id),
+                "KEY": im.key if im else None, "CREATED": im.created if im else None,
+                "BACKEND": b.name, "BACKEND_ID": b.id,
+                "ADDRESS": f"{b.name}:{path.partition('/')[2]}", "INO": n.ino,
+                "ATTACHMENTS": [attachment_view(a) for a in attached]}
+
+    async def allocate(self, address: str, size: int | str, caller: Caller, mode: int = 0o600,
+                       place: dict[str, Any] | None = None) -> dict[str, Any]:
+        size = parse_size(size)
+        address, reservation, key = await self._target(address, caller, size, place)
+        try:
+            _, parent, name = self.parent_of(address, caller)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.placing.unreserve(reservation))
+            raise
+        await self.images.create(parent, name, mode, caller, size=size, reservation=reservation,
+                                 key=key)
+        log.info("allocated %s (%d bytes)", address, size)
+        return await self.image_info(address, caller)
+
+    def get_size(self, address: str, caller: Caller) -> int:
+        _, n = self.image_node(address, caller)
+        return self.ns.getattr(n.ino).size
+
+    async def resize(self, address: str, size: int | str, caller: Caller,
+                     shrink: bool = False) -> dict[str, Any]:
+        """Grow by default; shrinking loses data, so it must be asked for."""
+        size = parse_size(size)
+        _, n = self.image_node(address, caller)
+        current = self.ns.getattr(n.ino).size
+        if size < current and not shrink:
+            raise err.InvalidArgument(
+                f"{address} is {current} bytes; {size} would shrink it and lose data",
+                "pass --shrink if that is what you want")
+        await self.images.setattr(n.ino, caller, size=size)
+        return await self.image_info(address, caller)
+
+    async def delete(self, address: str, caller: Caller) -> None:
+        _, _, n = self.resolve(address, caller)
+        if n is None:
+            raise err.NotFound(f"{address} does not exist")
+        if n.is_dir:
+            raise err.IsADirectory(f"{address} is a directory", "remove it with rm -r on the mount")
+        assert n.parent is not None
+        await self.ns.unlink(n.parent, n.name, caller)
+        log.info("deleted %s", address)
+
+    async def clone(self, src: str, dst: str, caller: Caller, progress: Progress | None = None,
+                    place: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Inside one backend the driver clones (reflink/COW where it can); across, a copy."""
+        sb, sn = self.image_node(src, caller)
+        self.backends.usable(sb, write=False)
+        check(caller, sn, READ)
+        assert sn.image_id is not None
+        oi = self.pool.open.get(sn.image_id)
+        if oi is not None:  # make what is written so far visible to the driver
+            await self.files.fsync(OpenFile(oi, False))
+        size = self.pool.image_size(sn.image_id)
+        dst, reservation, key = await self._target(dst, caller, size, place)
+        try:
+            db, parent, name = self.parent_of(dst, caller)
+            self.ns.dir_for_change(parent, caller)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.placing.unreserve(reservation))
+            raise
+        if sb.id != db.id:
+            await self._copy_across(sn, parent, name, caller, progress, reservation, key)
+            log.info("copied %s -> %s across backends", src, dst)
+        else:
+            await self.images.create(parent, name, sn.mode & 0o777, caller, size=size,
+                                     reservation=reservation, key=key, source=sn,
+                                     progress=progress)
+            log.info("cloned %s -> %s", src, dst)
+        return await self.image_info(dst, caller)
+
+    async def _copy_across(self, sn: Node, parent: int, name: str, caller: Caller,
+                           progress: Progress | None, reservation: int | None,
+                           key: str | None) -> None:
+        """Stream between two backends' handles; zero chunks are skipped so thin stays thin."""
+        try:
+            src_of = await self.files.open(sn.ino, caller, writable=False)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.placing.unreserve(reservation))
+            raise
+        try:
+            size = src_of.image.size
+            attr = await self.images.create(parent, name, sn.mode & 0o777, caller, size=size,
+                                            reservation=reservation, key=key)
+            dst_of = await self.files.open(attr.ino, caller, writable=True)
+            try:
+                await copy_data(self.files, src_of, dst_of, size, progress)
+                await self.files.fsync(dst_of)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.files.release(dst_of)
+                    await quietly(self.ns.unlink(parent, name, ROOT))
+                raise
+            await self.files.release(dst_of)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.files.release(src_of)
+
+    async def open_address(self, address: str, caller: Caller, writable: bool,
+                           create: bool = False, exclusive: bool = False,
+                           truncate: bool = False, size: int = 0,
+                           place: dict[str, Any] | None = None) -> OpenFile:
+        """For read/write/get/push through the API: open (creating if asked, `size` bytes, on a
+        placed backend for `auto:` addresses, base images going to REPOSITORY ones) by address."""
+        reservation = key = None
+        if create and parse_address(address)[0] == AUTO:
+            address, reservation, key = await self._target(address, caller, size, place,
+                                                           role="REPOSITORY")
+        try:
+            _, _, n = self.resolve(address, caller)
+            if n is None and create:
+                _, parent, name = self.parent_of(address, caller)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.placing.unreserve(reservation))
+            raise
+        if n is None:
+            if not create:
+                raise err.NotFound(f"{address} does not exist")
+            attr = await self.images.create(parent, name, 0o600, caller, size=size,
+                                            reservation=reservation, key=key)
+            return await self.files.open(attr.ino, caller, writable=True)
+        await self.placing.unreserve(reservation)
+        if exclusive:
+            raise err.Exists(f"{address} exists", "delete it first or choose another name")
+        if n.image_id is None:
+            raise (err.IsADirectory if n.is_dir else err.InvalidArgument)(
+                f"{address} is not an image")
+        return await self.files.open(n.ino, caller, writable=writable, truncate=truncate)
+
+    async def attach(self, address: str, path: str, caller: Caller,
+                     host: str | None = None) -> dict[str, Any]:
+        """Record that an image is in use at a path on a host (the link itself is the caller's)."""
+        if not path.startswith("/") or "\0" in path:
+            raise err.InvalidArgument(f"attach path {path!r} must be absolute")
+        b, n = self.image_node(address, caller)
+        check(caller, n, READ)
+        self.backends.usable(b, write=False)
+        on = host or self.pool.host
+        image_id = n.image_id
+        assert image_id is not None
+        where = posixpath.normpath(path)
+
+        def work(tx: Tx) -> int:
+            if tx.attachment_at(on, where):
+                raise err.Exists(f"{path} on {on} is already an attachment", "detach it first")
+            self.leases.take_in(tx, image_id, on, address)
+            return tx.insert_attachment(image_id, on, where)
+
+        aid = await self.pool.write(work)
+        log.info("attached %s at %s:%s", address, on, path)
+        return {"ID": aid, "IMAGE": address, "HOST": on, "PATH": path}
+
+    async def detach(self, address: str, path: str, caller: Caller,
+                     host: str | None = None) -> None:
+        _, n = self.image_node(address, caller)
+        check(caller, n, READ)
+        on = host or self.pool.host
+        writing = n.image_id in self.leases.writers
+
+        def work(tx: Tx) -> None:
+            a = tx.attachment_at(on, posixpath.normpath(path))
+            if a is None or a.image_id != n.image_id:
+                raise err.NotFound(f"{address} is not attached at {path} on {on}")
+            if a.link_ino is not None:
+                raise err.Busy(f"{path} is a link on the mount", "remove the link: rm PATH")
+            tx.delete_attachment(a.id)
+            self.leases.drop_attachment_lease_in(tx, a.image_id, on, writing)
+
+        await self.pool.write(work)
+        log.info("detached %s from %s:%s", address, on, path)
+
+    def local_path(self, address: str, caller: Caller) -> str | None:
+        """Where the image's bytes can be reached on this host without the mount, if anywhere."""
+        b, n = self.image_node(address, caller)
+        im = self.pool.images.get(n.image_id) if n.image_id is not None else None
+        return self.backends.runtime(b).driver.local_path(im.key) if im else None
+
+    async def break_lease(self, address: str, caller: Caller, force: bool = False,
+                          ) -> dict[str, Any]:
+        _, n = self.image_node(address, caller)
+        assert n.image_id is not None
+        return await self.leases.break_lease(address, n.image_id, caller, force)
+
+
+def attachment_view(a: Attachment) -> dict[str, Any]:
+    return {"ID": a.id, "IMAGE_ID": a.image_id, "HOST": a.host, "PATH": a.path,
+            "ON_MOUNT": a.link_ino is not None, "CREATED": a.created}

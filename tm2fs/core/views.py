@@ -1,0 +1,67 @@
+"""What the CLIs show of backends: one row per backend with its true counters (NBIMAGE, NBVM,
+ALLOCATED are counted in the pool store at the time of asking), and one backend in detail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import placement
+from ..model import Backend, Node
+from ..store import Tx
+from .actions import attachment_view
+from .backend_spec import Names
+from .backends import Backends
+from .pool import Pool
+
+
+class Views:
+    def __init__(self, pool: Pool, backends: Backends) -> None:
+        self.pool = pool
+        self.backends = backends
+        self.names = Names()
+
+    async def list(self) -> list[dict[str, Any]]:
+        counters = await self.pool.read(Tx.counters)
+        return [await self._row(b, counters.get(b.id, (0, 0, 0)))
+                for b in self.backends.by_id.values()]
+
+    async def show(self, ref: str | int, detail: bool = False) -> dict[str, Any]:
+        b = self.backends.find(ref)
+        if not detail:
+            counters = await self.pool.read(Tx.counters)
+            return await self._row(b, counters.get(b.id, (0, 0, 0)))
+
+        def work(tx: Tx) -> tuple:
+            return (tx.counters().get(b.id, (0, 0, 0)), tx.host_backends(),
+                    tx.attachments(backend_id=b.id))
+
+        counters, views, attached = await self.pool.read(work)
+        view = await self._row(b, counters)
+        view["HOSTS"] = {v["host"]: v["state"] for v in views if v["backend_id"] == b.id}
+        view["IMAGES"] = [self.image_row(im.id) for im in sorted(
+            (im for im in self.pool.images.values() if im.backend_id == b.id), key=lambda i: i.id)]
+        view["ATTACHMENTS"] = [attachment_view(a) for a in attached]
+        return view
+
+    def image_row(self, image_id: int) -> dict[str, Any]:
+        im = self.pool.images[image_id]
+        n = next((n for n in self.pool.nodes.values() if n.image_id == image_id), None)
+        return {"ID": im.id, "PATH": self.pool.path(n.ino) if n else None,
+                "SIZE": self.pool.image_size(im.id), "KEY": im.key, "CREATED": im.created}
+
+    async def _row(self, b: Backend, counters: tuple[int, int, int]) -> dict[str, Any]:
+        root: Node | None = self.pool.nodes.get(b.root_ino)
+        uid = root.uid if root else 0
+        gid = root.gid if root else 0
+        return {
+            "ID": b.id, "NAME": b.name, "STATE": b.state, "TM": b.tm, "TM_RAW": b.tm_raw,
+            "CAPACITY": b.total, "FREE": b.free, "USED": b.used, "ALLOCATED": counters[2],
+            "AVAILABLE": placement.room(b, counters[2]).available,
+            "CAPACITY_LIMIT": b.capacity, "OVERCOMMIT": b.overcommit, "RESERVED": b.reserved,
+            "PRIORITY": b.priority, "COST": b.cost, "ROLE": b.role, "TAGS": b.tags,
+            "NBIMAGE": counters[0], "NBVM": counters[1], "USER": await self.names.user(uid),
+            "GROUP": await self.names.group(gid), "UID": uid, "GID": gid,
+            "PERMISSIONS": f"{(root.mode if root else 0) & 0o7777:04o}",
+            "CLUSTER": b.cluster, "TIMEOUT": b.timeout, "ERROR": b.error, "ATTRS": b.attrs,
+            "CREATED": b.created, "UPDATED": b.updated, "MONITORED": b.monitored,
+        }

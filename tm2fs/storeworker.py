@@ -1,0 +1,207 @@
+"""The pool store off the trio loop: one worker thread runs every transaction, in order.
+
+The pool store is slow and far away (a commit, a round trip to PostgreSQL); the loop serves the
+kernel and must never wait on it. Every transaction is a plain function of a `Tx`, queued to one
+thread that owns the store's connection. After a write commits, its `Delta` (the rows it touched,
+as they now are) is handed back to the loop with `TrioToken.run_sync_soon`, whose callbacks run in
+the order they were sent: the in-memory view changes in commit order, only after the commit, and
+before the caller resumes.
+
+A caller waits a bounded time. A job that has not started when the wait ends is withdrawn (nothing
+changed, the caller gets `StoreUnavailable`); one already running cannot be taken back: if it
+commits later its delta is still applied in order, and the caller was told the outcome is unknown.
+On PostgreSQL the change notification (NOTIFY) goes inside the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from . import errors as err
+from .store import Delta, PoolStore, Tx
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STORE_TIMEOUT = 10.0  # seconds a metadata change waits for the pool store before failing
+SYNC_INTERVAL = 1.0  # SQLite: committed changes reach stable storage within this (power loss)
+NOTIFY_MAX = 7000  # bytes; PostgreSQL's payload limit is 8000: larger changes say "everything"
+
+
+@dataclass(eq=False)
+class Job(Generic[T]):
+    work: Callable[[Tx], T]
+    write: bool
+    origin: Any = None  # handed to the apply hook with the delta (who made the change)
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+    started: bool = False
+    withdrawn: bool = False
+    unwatched: bool = False  # queued without a waiter, or its waiter gave up: failures are logged
+    refresh: bool = False  # a read whose result is a Delta to apply
+
+
+class StoreWorker:
+    """Runs transactions on one thread; `apply(delta, origin)` is called on the loop after each
+    write commits, in commit order."""
+
+    def __init__(self, store: PoolStore, host: str,
+                 apply: Callable[[Delta, Any], None] | None = None) -> None:
+        self.store = store
+        self.host = host
+        self.apply = apply
+        self.timeout = STORE_TIMEOUT
+        self._queue: queue.SimpleQueue[Job[Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # started vs withdrawn
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+        self.transactions = 0  # for benchmarks and tests: how many this daemon ran
+
+    def start(self) -> None:
+        """On the trio thread: results come back to this loop."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._run, name="tm2fs-store", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish the queued jobs, sync, and stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def write(self, work: Callable[[Tx], T], origin: Any = None,
+                    timeout: float | None = None) -> T:
+        """Run `work(tx)` in a write transaction; its delta is applied before this returns."""
+        return await self._submit(Job(work, True, origin), timeout)
+
+    async def read(self, work: Callable[[Tx], T], timeout: float | None = None) -> T:
+        return await self._submit(Job(work, False), timeout)
+
+    async def refresh(self, work: Callable[[Tx], Delta], origin: Any = None,
+                      timeout: float | None = None) -> None:
+        """Re-read rows (another host changed them) and apply them in order with the commits."""
+        await self._submit(Job(work, False, origin, refresh=True), timeout)
+
+    def write_soon(self, work: Callable[[Tx], Any], origin: Any = None) -> trio.Event:
+        """Queue a write the caller does not wait for now (a size commit at close(2)): it runs in
+        order, a failure is logged; the event is set once it is done (and applied)."""
+        job: Job[Any] = Job(work, True, origin, unwatched=True)
+        self._put(job)
+        return job.done
+
+    async def _submit(self, job: Job[T], timeout: float | None) -> T:
+        self._put(job)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            with trio.move_on_after(limit):
+                await job.done.wait()
+        finally:
+            if not job.done.is_set():
+                with self._lock:
+                    job.withdrawn = not job.started
+                    job.unwatched = True
+        if not job.done.is_set():
+            if job.withdrawn:
+                raise err.StoreUnavailable(
+                    f"the pool store did not answer within {limit:g}s; nothing was changed",
+                    "check the pool store (PostgreSQL) and retry")
+            e = err.StoreUnavailable(
+                f"the pool store did not answer within {limit:g}s; the change may still be made",
+                "look again once the pool store answers")
+            e.maybe_done = True  # its transaction is running: cleanup must not assume it failed
+            raise e
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
+    def _put(self, job: Job[Any]) -> None:
+        if self._thread is None:
+            raise RuntimeError("store worker not started")
+        self._queue.put(job)
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=SYNC_INTERVAL)
+            except queue.Empty:
+                self._sync()
+                continue
+            if job is None:
+                self._sync()
+                return
+            with self._lock:
+                if job.withdrawn:
+                    continue
+                job.started = True
+            delta: Delta | None = None
+            try:
+                job.result, delta = self._transaction(job)
+            except BaseException as e:  # handed to the caller, in the loop
+                job.error = e
+            if time.monotonic() - self._last_sync >= SYNC_INTERVAL:
+                self._sync()
+            try:
+                assert self._token is not None
+                self._token.run_sync_soon(self._finish, job, delta)
+            except trio.RunFinishedError:
+                return
+
+    def _transaction(self, job: Job[Any]) -> tuple[Any, Delta | None]:
+        self.transactions += 1
+        if not job.write:
+            with self.store.read() as tx:
+                result = job.work(tx)
+            return result, result if job.refresh else None
+        with self.store.begin() as tx:
+            result = job.work(tx)
+            delta = tx.delta()
+            if delta and self.store.shared:
+                payload = json.dumps({"h": self.host, **delta.ids()})
+                if len(payload) > NOTIFY_MAX:
+                    payload = json.dumps({"h": self.host, "all": True})
+                tx.notify(payload)
+        self._unsynced = True
+        return result, delta
+
+    def _sync(self, force: bool = False) -> None:
+        if not (self._unsynced or force):
+            return
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+        try:
+            self.store.sync()
+        except Exception as e:  # the next sync tries again; fsync callers hear of it
+            self._unsynced = True
+            log.error("syncing the pool store failed: %s", e)
+            if force:
+                raise
+
+    def _finish(self, job: Job[Any], delta: Delta | None) -> None:
+        """On the loop, in commit order: memory follows the store, then the caller resumes."""
+        if delta and self.apply is not None:
+            try:
+                self.apply(delta, job.origin)
+            except Exception:
+                log.exception("applying a committed change to memory failed")
+        if job.error is not None and job.unwatched:
+            log.error("a pool-store change nobody waited for failed: %s", job.error)
+        job.done.set()
+
+    async def sync(self) -> None:
+        """fsync(2) of a directory or image: every commit so far reaches stable storage."""
+        await self.read(lambda tx: self._sync(force=True))
