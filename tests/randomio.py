@@ -78,8 +78,8 @@ def random_io(path: Path, seed: int, steps: int = 200, limit: int = 4 * MiB) -> 
 async def random_io_handle(driver: Any, key: str, seed: int, steps: int = 200,
                            limit: int = 4 * MiB) -> bytes:
     """The same steps on a new, empty image `key` through the driver's handles (fsync is aflush,
-    reopen is aclose + open), checking every read and, after aflush and reopen, `driver.size`
-    when `sized`; returns the final bytes, flushed and closed, the image left in place."""
+    reopen is aclose + open), checking every read and, after each aflush and reopen, the size
+    if the driver can tell it; returns the final bytes, flushed and closed, the image kept."""
     from tm2fs.drivers.base import Sized, supports
 
     sized = supports(driver, Sized)
