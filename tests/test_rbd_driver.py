@@ -1,4 +1,6 @@
-"""The `rbd` driver against a real one-node Ceph cluster: images, aio data path, COW clones, faults.
+"""The `rbd` driver's own parts, against a real one-node Ceph cluster: TM_RAW, librados errors,
+pool figures, the aio data path, COW clones and their depth, the trash, namespaces, a dead OSD.
+The contract (allocate, resize, data path, clone, keys) is test_driver_conformance.py.
 
 One throwaway cluster for the session (tests/servers/ceph.py, bluestore on a sparse file, about
 7 s to start). The fault test kills the OSD and starts it again, so it runs last.
@@ -7,7 +9,6 @@ One throwaway cluster for the session (tests/servers/ceph.py, bluestore on a spa
 from __future__ import annotations
 
 import errno
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ import rbd
 import trio
 
 from tests.servers.ceph import WATCH_TIMEOUT, CephCluster, _free_port
-from tm2fs.drivers.rbd import CLONE_SNAP, RbdDriver, RbdHandle, os_error
+from tm2fs.drivers.rbd import CLONE_SNAP, RbdDriver, os_error
 from tm2fs.errors import InvalidArgument
 
 pytestmark = [pytest.mark.ceph, pytest.mark.slow]
@@ -156,10 +157,8 @@ async def test_unreachable_monitor_fails_within_the_timeout(tmp_path: Path) -> N
 
 
 async def test_monitor_figures(driver: RbdDriver, ceph_cluster: CephCluster) -> None:
-    cap = await driver.monitor()
-    assert cap.total is not None and cap.free is not None and cap.used is not None
-    assert cap.total > 0 and 0 <= cap.free <= cap.total and cap.used >= 0
-    assert cap.total <= ceph_cluster.osd_bytes
+    """The pool's share of the cluster; a quota is the total."""
+    assert (await driver.monitor()).total <= ceph_cluster.osd_bytes
     ceph_cluster.ceph("osd", "pool", "set-quota", ceph_cluster.pool, "max_bytes", str(GIB))
     try:
         cap = await driver.monitor()
@@ -167,31 +166,6 @@ async def test_monitor_figures(driver: RbdDriver, ceph_cluster: CephCluster) -> 
     finally:
         ceph_cluster.ceph("osd", "pool", "set-quota", ceph_cluster.pool, "max_bytes", "0")
     assert (await driver.monitor()).total != GIB
-
-
-async def test_allocate_size_resize_delete(driver: RbdDriver) -> None:
-    k = key()
-    await driver.allocate(k, GIB)
-    assert await driver.size(k) == GIB
-    assert k in await driver.keys()
-    with pytest.raises(OSError) as e:
-        await driver.allocate(k, GIB)
-    assert e.value.errno == errno.EEXIST
-    await driver.resize(k, 3 * GIB)
-    assert await driver.size(k) == 3 * GIB
-    await write(driver, k, 5 * MIB, b"kept")
-    await write(driver, k, 200 * MIB, b"cut")
-    await driver.resize(k, 100 * MIB + 7)  # shrink, to an unaligned size
-    assert await driver.size(k) == 100 * MIB + 7
-    assert await read(driver, k, 5 * MIB, 4) == b"kept"
-    await driver.resize(k, 300 * MIB)  # what the shrink cut stays cut
-    assert await read(driver, k, 200 * MIB, 3) == b"\0\0\0"
-    await driver.delete(k)
-    assert k not in await driver.keys()
-    with pytest.raises(OSError) as e:
-        await driver.size(k)
-    assert e.value.errno == errno.ENOENT
-    await driver.delete(k)  # deleting what is gone is not an error
 
 
 async def test_keys_are_only_key_like_images(driver: RbdDriver) -> None:
@@ -207,55 +181,6 @@ async def test_keys_are_only_key_like_images(driver: RbdDriver) -> None:
 
 
 # ---------------------------------------------------------------------- data path
-
-
-async def test_async_round_trip_byte_for_byte(driver: RbdDriver) -> None:
-    rng = random.Random(42)
-    k = key()
-    size = 64 * MIB + 123
-    await driver.allocate(k, size)
-    model = bytearray(size)
-    h = await driver.open(k, writable=True)
-    assert isinstance(h, RbdHandle)
-
-    async def put(offset: int, data: bytes) -> None:
-        assert await h.apwrite(offset, data) == len(data)
-
-    for _ in range(4):  # batches of concurrent writes to disjoint ranges
-        async with trio.open_nursery() as nursery:
-            used: list[tuple[int, int]] = []
-            for _ in range(16):
-                n = rng.randrange(1, 300_000)
-                offset = rng.randrange(0, size - n)
-                if any(offset < e and s < offset + n for s, e in used):
-                    continue
-                used.append((offset, offset + n))
-                data = rng.randbytes(n)
-                model[offset:offset + n] = data
-                nursery.start_soon(put, offset, data)
-    await h.aflush()
-    for _ in range(50):
-        n = rng.randrange(1, 500_000)
-        offset = rng.randrange(0, size)
-        assert await h.apread(offset, n) == bytes(model[offset:offset + n])
-    # a write past the end grows the image (librbd alone would clip it)
-    tail = rng.randbytes(5000)
-    assert await h.apwrite(size + 1000, tail) == len(tail)
-    model += bytes(1000) + tail
-    await h.aflush()
-    assert await h.apread(size - 10, 1_000_000) == bytes(model[size - 10:])
-    await h.atruncate(size)
-    del model[size:]
-    await h.aclose()
-    assert await driver.size(k) == size
-    h = await driver.open(k, writable=False)
-    got = bytearray()
-    for offset in range(0, size, 4 * MIB):
-        got += await h.apread(offset, 4 * MIB)
-    assert got == model
-    assert await h.apread(size, 10) == b""
-    await h.aclose()
-    await driver.delete(k)
 
 
 async def test_data_path_uses_no_worker_thread(driver: RbdDriver, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,24 +221,18 @@ async def test_read_only_handle_refuses_writes_and_blocking_variants_work(driver
 
 
 async def test_clone_is_copy_on_write(driver: RbdDriver) -> None:
+    """A clone costs no data and no time, and then holds only what it wrote itself."""
     parent, child = key(), key()
     await driver.allocate(parent, 10 * GIB)
-    await write(driver, parent, 0, b"parent-head")
     await write(driver, parent, 9 * GIB, b"parent-tail")
     t = time.monotonic()
     await driver.clone(parent, child)
     took = time.monotonic() - t
     assert took < 0.5, f"a 10 GiB clone took {took:.2f}s"
-    assert await driver.size(child) == 10 * GIB
     assert own_extents(driver, child) == []  # the clone holds no data of its own
     assert parent_of(driver, child) == parent
-    assert await read(driver, child, 9 * GIB, 11) == b"parent-tail"
+    assert await read(driver, child, 9 * GIB, 11) == b"parent-tail"  # read through the parent
     await write(driver, child, 0, b"CHILD")
-    assert await read(driver, parent, 0, 11) == b"parent-head"
-    assert await read(driver, child, 0, 11) == b"CHILDt-head"
-    await write(driver, parent, 9 * GIB, b"PARENT")
-    assert await read(driver, child, 9 * GIB, 11) == b"parent-tail"
-    assert await read(driver, parent, 9 * GIB, 11) == b"PARENT-tail"
     assert all(offset < 4 * MIB for offset, _, _ in own_extents(driver, child))  # only what it wrote
     await driver.delete(child)
     with rbd.Image(driver.ioctx, parent, read_only=True) as image:

@@ -12,6 +12,7 @@ BUILTIN = {
     "legacy": "tm2fs.drivers.legacy:LegacyDriver",
     "iscsi": "tm2fs.drivers.iscsi:IscsiDriver",
     "rbd": "tm2fs.drivers.rbd:RbdDriver",
+    "memory": "tm2fs.drivers.memory:MemoryDriver",  # for tests and demos
 }
 
 

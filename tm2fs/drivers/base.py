@@ -1,19 +1,36 @@
-"""The driver contract: what one kind of backend must do. The methods of `Driver` are the checklist.
+"""The driver contract: what one kind of backend must do, split by capability as Cinder and libvirt
+split theirs. The methods of the protocols below are the checklist.
 
-Every method is called by the service layer inside a timeout (the backend's TIMEOUT); the service
-turns a timeout or an OSError into backend ERROR. Drivers never see names or paths from the
-namespace: only opaque keys, so a rename never touches data.
+- Core, every driver: `Storage` (validate, start/stop, monitor, allocate, delete, keys, open) and
+  the `Handle` that open returns.
+- Optional: `Sized` (size), `Resizable` (resize), `Cloning` (clone; `cheap_clone` says whether it
+  shares blocks), `NativeSource` (local_path: where the bytes are on this host).
+
+A driver subclasses `Driver`. A core method it leaves out makes the class abstract, so it fails
+when first instantiated, naming what is missing. An optional capability it leaves out answers
+`Unsupported` (local_path: None, "no path here"), so the core can call any driver alike and map
+the answer; `supports()` says which capabilities a driver class implements. A driver may still
+refuse one per instance (legacy on a remote HOST cannot size images).
+
+The core calls every method under the backend's TIMEOUT; a timeout or an OSError turns the
+backend ERROR, except ENOSPC/EDQUOT ("full") and EFBIG ("too big"). Drivers raise OSError for what
+the storage says and Tm2Error for the rest (InvalidArgument for a malformed TM_RAW or key). They
+see only opaque keys (the core makes 32 hex digits), never names or paths from the namespace, so
+a rename never touches data. `tests/test_driver_conformance.py` holds every driver to this.
 """
 
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import trio
+
+from ..errors import InvalidArgument, Unsupported
 
 Progress = Callable[[int], None]  # called with bytes done so far
 
@@ -27,28 +44,62 @@ class Capacity:
     used: int | None
 
 
-class Handle:
-    """Random access to one image, for the FUSE data path.
+# ------------------------------------------------------------------------------ the data path
 
-    pread/pwrite are plain methods, called inline on the trio thread (short, local calls). A driver
-    whose I/O can block for long overrides the `a*` variants with truly asynchronous ones.
+
+@runtime_checkable
+class Handle(Protocol):
+    """An open image: random access for the FUSE data path, every call awaited on the trio thread.
+
+    Reads return the bytes at offset, short at the image's end (empty at or past it); holes and
+    bytes cut by a truncate and regrown read as zeros. A write past the end grows the image. After
+    aflush every earlier write is durable and `size(key)` tells the new size; after aclose a new
+    open sees every write. Calls on one handle may overlap (the kernel sends them so). A handle
+    opened read-only refuses writes and truncates with OSError.
     """
 
-    def pread(self, offset: int, size: int) -> bytes:
-        raise NotImplementedError
+    async def apread(self, offset: int, size: int) -> bytes: ...
 
-    def pwrite(self, offset: int, data: bytes) -> int:
-        raise NotImplementedError
+    async def apwrite(self, offset: int, data: bytes) -> int:
+        """Writes all of `data`; returns len(data)."""
+        ...
 
-    def truncate(self, size: int) -> None:
-        raise NotImplementedError
+    async def atruncate(self, size: int) -> None: ...
 
-    def flush(self) -> None:
-        """Make everything written so far durable on the backend."""
-        raise NotImplementedError
+    async def aflush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
     def close(self) -> None:
-        raise NotImplementedError
+        """aclose without waiting: for a handle never used (a racing open of the same image won)."""
+        ...
+
+
+class BlockingHandle(Protocol):
+    """The blocking calls a handle is built from when its storage has no asynchronous API."""
+
+    def pread(self, offset: int, size: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes) -> int: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class InlineHandle:
+    """A `Handle` from blocking calls short enough to make on the trio thread (page-cache memcpy,
+    memory): a thread hop would cost more than the call. Subclasses define the blocking calls."""
+
+    __slots__ = ()
+
+    pread: Callable[[int, int], bytes]
+    pwrite: Callable[[int, bytes], int]
+    truncate: Callable[[int], None]
+    flush: Callable[[], None]
+    close: Callable[[], None]
 
     async def apread(self, offset: int, size: int) -> bytes:
         return self.pread(offset, size)
@@ -56,18 +107,18 @@ class Handle:
     async def apwrite(self, offset: int, data: bytes) -> int:
         return self.pwrite(offset, data)
 
-    async def aflush(self) -> None:
-        self.flush()
-
     async def atruncate(self, size: int) -> None:
         self.truncate(size)
+
+    async def aflush(self) -> None:
+        self.flush()
 
     async def aclose(self) -> None:
         self.close()
 
 
-class ThreadedHandle(Handle):
-    """Runs every call of another handle in a worker thread that a timeout can abandon.
+class ThreadedHandle:
+    """A `Handle` running every blocking call of `inner` in a worker thread a timeout can abandon.
 
     For storage that can hang (a network or FUSE filesystem under a `dir` backend): a thread hop
     per request costs throughput, but a hung call then times out instead of stalling the loop.
@@ -75,109 +126,158 @@ class ThreadedHandle(Handle):
 
     __slots__ = ("inner", "limiter")
 
-    def __init__(self, inner: Handle, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, inner: BlockingHandle, limiter: trio.CapacityLimiter) -> None:
         self.inner = inner
         self.limiter = limiter  # the backend's own: its hung threads cannot starve the others
 
-    def pread(self, offset: int, size: int) -> bytes:
-        return self.inner.pread(offset, size)
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=self.limiter)
 
-    def pwrite(self, offset: int, data: bytes) -> int:
-        return self.inner.pwrite(offset, data)
+    async def apread(self, offset: int, size: int) -> bytes:
+        return await self._thread(self.inner.pread, offset, size)
 
-    def truncate(self, size: int) -> None:
-        self.inner.truncate(size)
+    async def apwrite(self, offset: int, data: bytes) -> int:
+        return await self._thread(self.inner.pwrite, offset, data)
 
-    def flush(self) -> None:
-        self.inner.flush()
+    async def atruncate(self, size: int) -> None:
+        await self._thread(self.inner.truncate, size)
+
+    async def aflush(self) -> None:
+        await self._thread(self.inner.flush)
+
+    async def aclose(self) -> None:
+        await self._thread(self.inner.close)
 
     def close(self) -> None:
         self.inner.close()
 
-    async def apread(self, offset: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(self.inner.pread, offset, size,
-                                             abandon_on_cancel=True, limiter=self.limiter)
 
-    async def apwrite(self, offset: int, data: bytes) -> int:
-        return await trio.to_thread.run_sync(self.inner.pwrite, offset, data,
-                                             abandon_on_cancel=True,
-                                             limiter=self.limiter)
-
-    async def aflush(self) -> None:
-        await trio.to_thread.run_sync(self.inner.flush, abandon_on_cancel=True,
-                                             limiter=self.limiter)
-
-    async def atruncate(self, size: int) -> None:
-        await trio.to_thread.run_sync(self.inner.truncate, size, abandon_on_cancel=True,
-                                             limiter=self.limiter)
-
-    async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self.inner.close, abandon_on_cancel=True,
-                                             limiter=self.limiter)
+# ------------------------------------------------------------------------------ the driver
 
 
-class Driver:
-    """One backend's storage. Subclasses set `name` and implement every method."""
+class Storage(Protocol):
+    """Core storage: every driver does all of this."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # the TM name it is registered under
+    tm_raw: dict[str, Any]  # as validate returned it; the core makes a new driver when it changes
+
+    @classmethod
+    @abstractmethod
+    def validate(cls, tm_raw: dict[str, Any], state_dir: Path, backend_name: str) -> dict[str, Any]:
+        """Check and complete TM_RAW before the backend is created or updated (static checks:
+        start connects); raise InvalidArgument with a hint."""
+
+    async def start(self) -> None:
+        """Connect / prepare; called before first use and after the backend was in ERROR.
+        Called again on a started driver, it changes nothing. Default: nothing to do."""
+
+    async def stop(self) -> None:
+        """Release connections; called at shutdown and when the backend is deleted."""
+
+    @abstractmethod
+    async def monitor(self) -> Capacity:
+        """Total, free and used bytes; raises when the storage does not answer (backend ERROR)."""
+
+    @abstractmethod
+    async def allocate(self, key: str, size: int) -> None:
+        """A new image of `size` bytes reading as zeros, thin where the storage can; EEXIST
+        (leaving the old image as it was) when `key` exists."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the image; deleting a key that is gone is not an error."""
+
+    @abstractmethod
+    async def keys(self) -> list[str] | None:
+        """Every key the backend holds, to sweep leftovers after a crash; None if it cannot say."""
+
+    @abstractmethod
+    async def open(self, key: str, writable: bool) -> Handle:
+        """The image for random access; raises when `key` does not exist."""
+
+
+class Sized(Protocol):
+    async def size(self, key: str) -> int:
+        """The image's size in bytes, as last made durable; ENOENT when `key` does not exist."""
+        ...
+
+
+class Resizable(Protocol):
+    async def resize(self, key: str, size: int) -> None:
+        """Grow or shrink a closed image; what a shrink cut reads as zeros when grown again."""
+        ...
+
+
+class Cloning(Protocol):
     #: True when clone shares blocks (reflink, COW) instead of copying them.
+    cheap_clone: ClassVar[bool]
+
+    async def clone(self, src_key: str, dst_key: str, progress: Progress | None = None) -> None:
+        """A new image `dst_key` with `src_key`'s bytes, independent of it from then on (writes
+        to either, or deleting the source, leave the other as it was); EEXIST when `dst_key`
+        exists. `progress`, if called, gets bytes done so far (never more than the size)."""
+        ...
+
+
+class NativeSource(Protocol):
+    def local_path(self, key: str) -> str | None:
+        """A path on this host where the image's bytes are, if there is one (for attach links)."""
+        ...
+
+
+class Driver(Storage, Sized, Resizable, Cloning, NativeSource):
+    """What a driver subclasses: the core as abstract methods, every optional capability refused."""
+
     cheap_clone: ClassVar[bool] = False
 
     def __init__(self, tm_raw: dict[str, Any], state_dir: Path) -> None:
         self.tm_raw = tm_raw
         self.state_dir = state_dir
 
-    @classmethod
-    def validate(cls, tm_raw: dict[str, Any], state_dir: Path, backend_name: str) -> dict[str, Any]:
-        """Check and complete TM_RAW before the backend is created; raise InvalidArgument."""
-        return dict(tm_raw)
-
-    async def start(self) -> None:
-        """Connect / prepare; called before first use and after the backend returns from ERROR."""
-
-    async def stop(self) -> None:
-        """Release connections; called at shutdown and when the backend is deleted."""
-
-    async def monitor(self) -> Capacity:
-        raise NotImplementedError
-
-    async def allocate(self, key: str, size: int) -> None:
-        raise NotImplementedError
-
-    async def delete(self, key: str) -> None:
-        raise NotImplementedError
+    def _unsupported(self, what: str) -> Unsupported:
+        return Unsupported(f"{self.name} driver: {what} is not supported",
+                           "the backend's driver does not implement it")
 
     async def size(self, key: str) -> int:
-        raise NotImplementedError
+        raise self._unsupported("size")
 
     async def resize(self, key: str, size: int) -> None:
-        raise NotImplementedError
+        raise self._unsupported("resize")
 
     async def clone(self, src_key: str, dst_key: str, progress: Progress | None = None) -> None:
-        raise NotImplementedError
-
-    async def open(self, key: str, writable: bool) -> Handle:
-        raise NotImplementedError
-
-    async def keys(self) -> list[str] | None:
-        """Every key the backend holds, to sweep leftovers after a crash; None if it cannot say."""
-        return None
-
-    async def attach(self, key: str, host: str, path: str) -> None:
-        """Make the image reachable on `host` (e.g. log in to a target). Local storage: nothing."""
-
-    async def detach(self, key: str, host: str, path: str) -> None:
-        """Undo attach."""
+        raise self._unsupported("clone")
 
     def local_path(self, key: str) -> str | None:
-        """A path on this host where the image's bytes are, if there is one (for attach links)."""
         return None
+
+
+OPTIONAL: tuple[type, ...] = (Sized, Resizable, Cloning, NativeSource)
+
+
+def supports(driver: Driver | type[Driver], capability: type) -> bool:
+    """Whether a driver class implements an optional capability itself instead of inheriting
+    Driver's refusal (the core ones every driver has)."""
+    if capability not in OPTIONAL:
+        raise ValueError(f"{capability.__name__} is not an optional capability")
+    cls = driver if isinstance(driver, type) else type(driver)
+    names = [n for n, v in vars(capability).items() if callable(v) and not n.startswith("_")]
+    return all(getattr(cls, n) is not getattr(Driver, n) for n in names)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def check_key(key: str, driver: str) -> str:
+    """The least every driver refuses: a key is one plain name (never empty, `.`, `..`, a path,
+    or a name with NUL or newline), so no key reaches outside the backend's own storage."""
+    if (not key or key in (".", "..") or len(key) > 255
+            or any(c in key for c in "/\0\n")):
+        raise InvalidArgument(f"{driver} driver: invalid image key {key!r}")
+    return key
 
 
 def positive_int(value: Any, what: str) -> int:
     """TM_RAW values arrive as strings from templates."""
-    from ..errors import InvalidArgument
-
     try:
         number = int(str(value))
     except ValueError:

@@ -26,7 +26,17 @@ from typing import Any
 import trio
 
 from ..errors import InvalidArgument
-from .base import Capacity, Driver, Handle, Progress, ThreadedHandle, directory_capacity, fsync_dir
+from .base import (
+    Capacity,
+    Driver,
+    Handle,
+    InlineHandle,
+    Progress,
+    ThreadedHandle,
+    check_key,
+    directory_capacity,
+    fsync_dir,
+)
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 COPY_CHUNK = 8 * 2**20
@@ -53,7 +63,7 @@ def is_remote(fs_type: str) -> bool:
     return fs_type.split(".")[0] in REMOTE
 
 
-class FileHandle(Handle):
+class FileHandle(InlineHandle):
     """An image file. Its directory entry is made durable by the first fsync (allocate does not
     sync: a create must not cost two disk flushes; durability is what fsync promises)."""
 
@@ -119,7 +129,7 @@ class DirDriver(Driver):
         return raw
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        return self.root / check_key(key, "dir")
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self._check_root, abandon_on_cancel=True, limiter=self.limiter)

@@ -45,7 +45,16 @@ from typing import Any
 import trio
 
 from ..errors import BackendUnavailable, Exists, InvalidArgument, Tm2Error, Unsupported
-from .base import Capacity, Driver, Handle, Progress, directory_capacity, fsync_dir
+from .base import (
+    Capacity,
+    Driver,
+    Handle,
+    InlineHandle,
+    Progress,
+    check_key,
+    directory_capacity,
+    fsync_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +146,6 @@ async def _kill_group(process: trio.Process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def check_key(key: str) -> None:
-    """Keys are opaque names of files in PATH: never a path of their own."""
-    if not key or key in (".", "..") or "/" in key or "\0" in key or "\n" in key:
-        raise InvalidArgument(f"legacy driver: invalid image key {key!r}")
-
-
 class LegacyDriver(Driver):
     name = "legacy"
     cheap_clone = False
@@ -210,7 +213,7 @@ class LegacyDriver(Driver):
 
     def _arg(self, key: str) -> str:
         """The `host:/path` argument naming an image."""
-        check_key(key)
+        check_key(key, "legacy")
         return f"{self.host}:{self._path(key)}"
 
     def _path(self, key: str) -> str:
@@ -337,13 +340,13 @@ class LegacyDriver(Driver):
         await self._run("DELETE", self._arg(key))
 
     async def size(self, key: str) -> int:
-        check_key(key)
+        check_key(key, "legacy")
         self._local_only("size")
         st = await self._thread(os.stat, self._path(key))
         return st.st_size
 
     async def resize(self, key: str, size: int) -> None:
-        check_key(key)
+        check_key(key, "legacy")
         self._local_only("resize")
         await self._thread(_resize, self._path(key), size)
 
@@ -383,7 +386,7 @@ class LegacyDriver(Driver):
         return self._path(key) if self.local else None
 
 
-class StagingHandle(Handle):
+class StagingHandle(InlineHandle):
     """An open image: a local staging copy, pushed back to the host by flush and close."""
 
     def __init__(self, driver: LegacyDriver, key: str, file: Path, fd: int) -> None:

@@ -70,6 +70,7 @@ import trio
 
 from ..errors import InvalidArgument
 from .base import Capacity, Driver, Handle, Progress
+from .base import check_key as plain_key
 
 try:  # the bindings exist only as distribution packages (python3-rados, python3-rbd)
     import rados
@@ -122,7 +123,8 @@ def call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def check_key(key: str) -> None:
     """Keys name RBD images: no pool/snapshot separators, short enough for a snapshot name too."""
-    if not key or len(key) > 200 or any(c in key for c in "/@\0\n"):
+    plain_key(key, "rbd")
+    if len(key) > 200 or "@" in key:
         raise InvalidArgument(f"rbd driver: invalid image key {key!r}")
 
 
