@@ -19,8 +19,7 @@ import threading
 import trio
 
 from .background import every
-from .core import Service
-from .core.leases import HEARTBEAT
+from .core import HEARTBEAT, Service
 
 log = logging.getLogger(__name__)
 
