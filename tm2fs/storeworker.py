@@ -95,13 +95,6 @@ class StoreWorker:
         """Re-read rows (another host changed them) and apply them in order with the commits."""
         await self._submit(Job(work, False, origin, refresh=True), timeout)
 
-    def write_soon(self, work: Callable[[Tx], Any], origin: Any = None) -> trio.Event:
-        """Queue a write the caller does not wait for now (a size commit at close(2)): it runs in
-        order, a failure is logged; the event is set once it is done (and applied)."""
-        job: Job[Any] = Job(work, True, origin, unwatched=True)
-        self._put(job)
-        return job.done
-
     async def _submit(self, job: Job[T], timeout: float | None) -> T:
         self._put(job)
         limit = self.timeout if timeout is None else timeout

@@ -121,12 +121,7 @@ class Images:
             stop.set()
 
     async def commit_size(self, oi: OpenImage) -> None:
-        """An open image's size and mtime reach the pool store (others cache the old size); a
-        commit queued by close(2) is waited for first, so the store has the last word in order."""
-        if oi.committing is not None:
-            with trio.move_on_after(self.pool.db.timeout):
-                await oi.committing.wait()
-            oi.committing = None
+        """An open image's size and mtime reach the pool store (others cache the old size)."""
         if not oi.dirty or oi.unlinked:
             return
         size, mtime = oi.size, oi.mtime_ns
@@ -142,20 +137,6 @@ class Images:
         except BaseException:
             oi.dirty = True  # not committed: the next flush, fsync or close tries again
             raise
-
-    def commit_size_soon(self, oi: OpenImage) -> None:
-        """close(2): queue the size commit without waiting (durability is fsync's)."""
-        if not oi.dirty or oi.unlinked:
-            return
-        size, mtime = oi.size, oi.mtime_ns
-        oi.dirty = False
-
-        def work(tx: Tx) -> None:
-            tx.set_image_size(oi.image_id, size)
-            tx.update_node(oi.ino, mtime_ns=mtime, ctime_ns=mtime)
-
-        self.pool.stale.add(oi.backend_id)
-        oi.committing = self.pool.db.write_soon(work, KERNEL_KNOWS)
 
     async def resize(self, b: Backend, n: Node, size: int) -> None:
         """Truncate or grow an image (open or not); growth is reserved until committed."""

@@ -46,7 +46,6 @@ class OpenImage:
     dirty: bool = False  # size or mtime not yet in the pool store
     unlinked: bool = False  # removed from the namespace while open: data goes at last close
     retired: list[Handle] = field(default_factory=list)  # replaced handles, closed at last close
-    committing: trio.Event | None = None  # a size commit queued by close(2), not yet done
 
     @property
     def ino(self) -> int:
@@ -82,6 +81,11 @@ class OpenFiles:
             raise err.IsADirectory(f"{n.name} is a directory")
         if n.image_id is None:
             raise err.InvalidArgument(f"{n.name} is not an image")
+        if self.pool.store.shared and n.image_id not in self.pool.open:
+            await self.pool.revalidate(n)  # another host may have written it since
+            n = self.ns.get(ino)
+            if n.image_id is None:
+                raise err.NotFound(f"{n.name} is gone")
         check(caller, n, READ | WRITE if writable else READ)
         assert n.backend_id is not None
         b = self.backends.get(n.backend_id)
@@ -165,8 +169,9 @@ class OpenFiles:
         return n
 
     async def flush(self, of: OpenFile) -> None:
-        """close(2): the size and times will reach the pool store (durability is fsync's)."""
-        self.images.commit_size_soon(of.image)
+        """close(2): the size and times reach the pool store, so whoever opens the image next,
+        on any host, sees what was written (close-to-open, as NFS; durability is fsync's)."""
+        await self.images.commit_size(of.image)
 
     async def fsync(self, of: OpenFile) -> None:
         """The data reaches the backend's durable state, then the size is committed and the

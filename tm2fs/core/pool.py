@@ -111,6 +111,12 @@ class Pool:
             return
         await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
 
+    async def revalidate(self, n: Node) -> None:
+        """Re-read one entry and its image (as NFS revalidates at open): another host's change
+        may not have been heard of yet."""
+        ids = [[n.ino], [n.image_id] if n.image_id is not None else [], []]
+        await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
+
     def _apply(self, delta: Delta, origin: Any) -> None:
         kernel = not (isinstance(origin, Caller) and origin.origin == "fs")
         remote = origin == REMOTE
