@@ -343,3 +343,16 @@ def test_tm2_place_allocate_push_clone_auto(daemon, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "column" in bad.stderr.decode()
     data = json.loads(ok(daemon.tm2("place", "1M", "--json")))
     assert {v["NAME"] for v in data} == {"local", "ssd1", "repo"}
+
+
+async def test_a_placement_costs_at_most_three_transactions(service: Service, tmp_path: Path) -> None:
+    """`allocate auto:` is the reservation, the rows, and at most a share of the once-a-second
+    snapshot re-read: the pool store is far away (PostgreSQL), every round trip counts."""
+    for i in range(3):
+        await service.create_backend(ROOT, {"NAME": f"p{i}", "TM": "dir", "CAPACITY": "1G",
+                                            "TM_RAW": f"PATH={tmp_path}/p{i}"})
+    await service.allocate("auto:vm/first", "1M", ROOT)  # makes the folder
+    before = service.transactions
+    for i in range(20):
+        await service.allocate(f"auto:vm/d{i}", "1M", ROOT)
+    assert (service.transactions - before) / 20 <= 3

@@ -118,11 +118,13 @@ class Actions:
 
     # ------------------------------------------------------------------ the actions
 
-    async def image_info(self, address: str, caller: Caller) -> dict[str, Any]:
+    async def image_info(self, address: str, caller: Caller, new: bool = False) -> dict[str, Any]:
+        """An image's attributes and attachments (`new`: just made, so none: no query)."""
         b, n = self.image_node(address, caller)
         assert n.image_id is not None
         image_id = n.image_id
-        attached = await self.pool.read(lambda tx: tx.attachments(image_id=image_id))
+        attached = [] if new else await self.pool.read(
+            lambda tx: tx.attachments(image_id=image_id))
         im = self.pool.images.get(image_id)
         path = self.pool.path(n.ino)
         return {"ID": image_id, "PATH": path, "SIZE": self.pool.image_size(image_id),
@@ -144,7 +146,7 @@ class Actions:
         await self.images.create(parent, name, mode, caller, size=size, reservation=reservation,
                                  key=key)
         log.info("allocated %s (%d bytes)", address, size)
-        return await self.image_info(address, caller)
+        return await self.image_info(address, caller, new=True)
 
     def get_size(self, address: str, caller: Caller) -> int:
         _, n = self.image_node(address, caller)
@@ -200,7 +202,7 @@ class Actions:
                                      reservation=reservation, key=key, source=sn,
                                      progress=progress)
             log.info("cloned %s -> %s", src, dst)
-        return await self.image_info(dst, caller)
+        return await self.image_info(dst, caller, new=True)
 
     async def _copy_across(self, sn: Node, parent: int, name: str, caller: Caller,
                            progress: Progress | None, reservation: int | None,
