@@ -13,6 +13,7 @@ LISTEN connection dropped, a flood overflowed the queue) the daemon re-reads eve
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 
@@ -88,12 +89,38 @@ class _Inbox:
             self.overflowed = True
 
     async def apply(self, service: Service) -> None:
-        async for payload in self.receive:
-            if self.overflowed:
-                self.overflowed = False
-                payload = EVERYTHING
+        async for first in self.receive:
+            payloads = [first]
+            while True:  # what queued up meanwhile is re-read in one transaction
+                try:
+                    payloads.append(self.receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            payload = EVERYTHING if self.overflowed else _merged(payloads, service.host)
+            self.overflowed = False
             try:
                 await service.remote_change(payload)
             except Exception as e:  # the store is away: a full re-read once it answers
                 log.error("applying a change notification failed: %s", e)
                 self.overflowed = True
+
+
+def _merged(payloads: list[str], host: str) -> str:
+    """Several hosts' notifications as one: the union of the rows they name (this host's own
+    changes are in its memory already)."""
+    if len(payloads) == 1:
+        return payloads[0]
+    ids: dict[str, set[int]] = {"n": set(), "i": set(), "b": set()}
+    for payload in payloads:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or data.get("h") == host:
+            continue
+        if data.get("all"):
+            return EVERYTHING
+        for k, v in ids.items():
+            if isinstance(data.get(k), list):
+                v.update(i for i in data[k] if isinstance(i, int))
+    return json.dumps({"h": "", **{k: sorted(v) for k, v in ids.items()}})

@@ -37,6 +37,7 @@ class Pool:
         self.nodes: dict[int, Node] = {}
         self.children: dict[int, dict[str, int]] = {}
         self.images: dict[int, Image] = {}
+        self.image_ino: dict[int, int] = {}  # image id -> the entry that names it
         self.backend_rows: dict[int, Backend] = {}  # as stored; `Backends` adds this host's view
         self.open: dict[int, OpenImage] = {}  # by image id: every open file on an image shares it
         self.open_ino: dict[int, OpenImage] = {}  # the same, by inode (the kernel's getattr)
@@ -162,11 +163,15 @@ class Pool:
             siblings = self.children.get(old.parent)
             if siblings is not None and siblings.get(old.name) == ino:
                 del siblings[old.name]
+        if old is not None and old.image_id is not None:
+            self.image_ino.pop(old.image_id, None)
         if new is None:
             self.nodes.pop(ino, None)
             self.children.pop(ino, None)
         else:
             self.nodes[ino] = new
+            if new.image_id is not None:
+                self.image_ino[new.image_id] = ino
             if new.parent is not None:
                 self.children.setdefault(new.parent, {})[new.name] = ino
             if new.is_dir:

@@ -45,8 +45,8 @@ class Views:
 
     def image_row(self, image_id: int) -> dict[str, Any]:
         im = self.pool.images[image_id]
-        n = next((n for n in self.pool.nodes.values() if n.image_id == image_id), None)
-        return {"ID": im.id, "PATH": self.pool.path(n.ino) if n else None,
+        ino = self.pool.image_ino.get(image_id)
+        return {"ID": im.id, "PATH": self.pool.path(ino) if ino is not None else None,
                 "SIZE": self.pool.image_size(im.id), "KEY": im.key, "CREATED": im.created}
 
     async def _row(self, b: Backend, counters: tuple[int, int, int]) -> dict[str, Any]:
