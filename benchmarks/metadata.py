@@ -67,25 +67,40 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def stat_all(directory: Path, count: int) -> None:
+def stat_all(directory: Path, count: int) -> str | None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    failed = []
     try:
         for i in range(1, count + 1):
-            os.stat(f"f{i}", dir_fd=fd)
+            try:
+                os.stat(f"f{i}", dir_fd=fd)
+            except OSError as e:
+                failed.append(f"f{i}: {e.strerror}")
     finally:
         os.close(fd)
+    return f"{len(failed)} failed, first: {failed[0]}" if failed else None
 
 
-def phase(name: str, directory: Path, count: int) -> Callable[[], None]:
-    run = {"check": True, "cwd": directory, "stdout": subprocess.DEVNULL}
+def command(args: list[str], cwd: Path | None = None, input: bytes | None = None) -> str | None:
+    """Run one command; None when it succeeded, else its exit status and first complaints."""
+    out = subprocess.run(args, cwd=cwd, input=input, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, check=False)
+    if out.returncode == 0:
+        return None
+    lines = out.stderr.decode(errors="replace").splitlines()
+    return f"exit {out.returncode}, {len(lines)} error lines, first: {'; '.join(lines[:3])}"
+
+
+def phase(name: str, directory: Path, count: int) -> Callable[[], str | None]:
+    """The work of one phase: returns None, or what went wrong."""
     names = "".join(f"f{i}\0" for i in range(1, count + 1)).encode()
     return {
-        "create": lambda: subprocess.run(["sh", "-c", CREATE, "sh", str(count)], **run),
-        "ls -l": lambda: subprocess.run(["ls", "-l"], **run),
-        "stat": lambda: subprocess.run(["xargs", "-0", "stat", "--"], input=names, **run),
+        "create": lambda: command(["sh", "-c", CREATE, "sh", str(count)], directory),
+        "ls -l": lambda: command(["ls", "-l"], directory),
+        "stat": lambda: command(["xargs", "-0", "stat", "--"], directory, names),
         "os.stat": lambda: stat_all(directory, count),
-        "rename": lambda: subprocess.run(["sh", "-c", RENAME, "sh", str(count)], **run),
-        "rm -rf": lambda: subprocess.run(["rm", "-rf", "--", str(directory)], check=True),
+        "rename": lambda: command(["sh", "-c", RENAME, "sh", str(count)], directory),
+        "rm -rf": lambda: command(["rm", "-rf", "--", str(directory)]),
     }[name]
 
 
@@ -124,6 +139,8 @@ def main() -> None:
                   "is one lookup per file to the daemon: what users get")
         times: dict[str, dict[str, float]] = {"native": {}, "mount": {}}
         cpu: dict[str, float] = {}
+        failures: list[str] = []
+        failed: set[str] = set()  # phases whose figures are not to be trusted
         for name in PHASES:
             for side, directory in (("native", native), ("mount", mounted)):
                 if args.drop_caches:
@@ -133,11 +150,17 @@ def main() -> None:
                 work = phase(name, directory, n)
                 c0 = cpu_seconds(d.proc.pid)
                 t0 = time.perf_counter()
-                work()
+                error = work()
                 times[side][name] = time.perf_counter() - t0
                 if side == "mount":
                     cpu[name] = cpu_seconds(d.proc.pid) - c0
-        assert not native.exists() and not mounted.exists()
+                if error:
+                    failed.add(name)
+                    failures.append(f"{name} ({side}) FAILED: {error}")
+                    print(failures[-1], flush=True)
+        if failures:
+            log = d.logs().splitlines()
+            print(f"daemon log, last 30 of {len(log)} lines:", *log[-30:], sep="\n")
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp / "native")
     print()
@@ -149,12 +172,16 @@ def main() -> None:
         per = n // 100 if name == "rename" else n  # rename: µs per renamed file
         a, b = times["native"][name], times["mount"][name]
         ratios[name] = b / a
-        print(f"| {name:<7} | {a:8.3f} | {b:7.3f} | {b / a:11.1f}x | {a / per * 1e6:14.1f} "
+        label = f"{name} (FAILED)" if name in failed else name
+        print(f"| {label:<7} | {a:8.3f} | {b:7.3f} | {b / a:11.1f}x | {a / per * 1e6:14.1f} "
               f"| {b / per * 1e6:13.1f} | {(b - a) / per * 1e6:22.1f} | {cpu[name]:12.2f} |")
     print("(rename: µs per renamed file, 1 in 100, one exec of mv each on both sides; daemon CPU: "
           "the daemon's user+system time during the mount phase)")
     print()
-    print("metadata: " + ", ".join(f"{k} {ratios[k]:.1f}x" for k in PHASES if k != "os.stat"))
+    for failure in failures:
+        print(failure)
+    print("metadata: " + ", ".join(f"{k} {ratios[k]:.1f}x" + (" (FAILED)" if k in failed else "")
+                                   for k in PHASES if k != "os.stat"))
 
 
 if __name__ == "__main__":
