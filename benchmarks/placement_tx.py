@@ -62,8 +62,9 @@ class Counts:
         return sum(self.calls.values()) - control, control
 
     def blocks(self) -> float:
-        """Transactions ended by COMMIT or ROLLBACK; the others are single statements run
-        outside any BEGIN (autocommit), each a transaction of its own."""
+        """Transactions ended by COMMIT or ROLLBACK. The others are statements run outside any
+        BEGIN, each a transaction of its own; an empty query (`;`, SQLAlchemy's pool_pre_ping
+        on psycopg at every connection checkout) is one, and pg_stat_statements does not list it."""
         return sum(n for q, n in self.calls.items() if q.upper() in ("COMMIT", "ROLLBACK"))
 
 
@@ -99,7 +100,8 @@ def report(name: str, window: Counts, times: list[float], top: int) -> tuple[flo
           f"(+ {control / k:.1f} BEGIN/COMMIT/ROLLBACK)")
     blocks = window.blocks() / k
     print(f"  transactions: {blocks:.1f} BEGIN..COMMIT/ROLLBACK blocks, "
-          f"{window.xacts / k - blocks:.1f} single statements outside a block (autocommit)")
+          f"{window.xacts / k - blocks:.1f} outside a block (autocommit; an empty `;` query, "
+          "SQLAlchemy's pool_pre_ping, is one)")
     print("  most frequent statements per placement:")
     for query, n in sorted(window.calls.items(), key=lambda qn: -qn[1])[:top]:
         if n / k >= 0.05:
