@@ -130,7 +130,7 @@ def main() -> None:
         assert os.stat(native).st_dev == os.stat(backend).st_dev, "not the same filesystem"
         fstype = filesystem_type(backend)
         print(f"{n:,} empty files; pool store {args.db}; native dir and backend on {fstype} "
-              f"({tmp})")
+              f"({tmp}); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         if args.drop_caches:
             print("caches: dropped (echo 3 > /proc/sys/vm/drop_caches) before every phase")
         else:
@@ -175,6 +175,8 @@ def main() -> None:
         label = f"{name} (FAILED)" if name in failed else name
         print(f"| {label:<7} | {a:8.3f} | {b:7.3f} | {b / a:11.1f}x | {a / per * 1e6:14.1f} "
               f"| {b / per * 1e6:13.1f} | {(b - a) / per * 1e6:22.1f} | {cpu[name]:12.2f} |")
+    print(f"(load average at the end {os.getloadavg()[0]:.1f}: wall times grow with the machine's "
+          "load, the daemon's CPU time much less)")
     print("(rename: µs per renamed file, 1 in 100, one exec of mv each on both sides; daemon CPU: "
           "the daemon's user+system time during the mount phase)")
     print()
