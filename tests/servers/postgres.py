@@ -31,7 +31,10 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        """`settings`: extra server settings (`-c name=value`), e.g. for a benchmark's
+        shared_preload_libraries. Constants only: pg_ctl hands them to a shell."""
+        self.settings = settings or {}
         self.bindir = _bindir()
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tm2fs-pg-", dir="/tmp"))
@@ -50,6 +53,7 @@ class PostgresServer:
                               "-U", "postgres", "--no-sync", "-E", "UTF8")
             options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
                        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+            options += "".join(f" -c {k}={v}" for k, v in self.settings.items())
             self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-o",
                               options, "-l", str(self.dir / "log"), "start")
             self.new_database("tm2fs")
