@@ -110,9 +110,9 @@ def prepare_mountpoint(path: Path) -> None:
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.fsencode(str(path)).replace(b" ", b"\\040")
-    with open("/proc/self/mounts", "rb") as f:
-        return any(line.split()[1] == target for line in f)
+    from . import mounts
+
+    return mounts.is_mounted(path)
 
 
 async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
