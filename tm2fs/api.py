@@ -368,6 +368,33 @@ async def _object(req: Request) -> dict[str, Any]:
     return data
 
 
+def tm2_error(e: BaseException) -> err.Tm2Error | None:
+    """The Tm2Error a request failed with, if it failed with one. Trio nurseries (the parallel
+    chunk reads and writes of a stream) wrap errors in ExceptionGroups: a group whose every leaf
+    is a Tm2Error answers as its first leaf (e.g. NoSpace: 507); any other group is a bug."""
+    if isinstance(e, err.Tm2Error):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        errors, others = e.split(err.Tm2Error)
+        if errors is not None and others is None:
+            leaf: BaseException = errors
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, err.Tm2Error) else None
+    return None
+
+
+def error_response(req: Request, e: Exception) -> Response | None:
+    """The answer to a request that failed with `e`: the Tm2Error's status and JSON body, or
+    None when `e` is no Tm2Error (nor a group of them)."""
+    error = tm2_error(e)
+    if error is None:
+        return None
+    if error.status >= 500:
+        log.error("%s %s: %s", req.method, req.path, error.message)
+    return Response.json(error.to_dict(), error.status)
+
+
 def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
     compiled = [(r, r.regex) for r in ROUTES]
 
@@ -382,10 +409,11 @@ def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
                 continue
             try:
                 result = await r.func(svc, req, **m.groupdict())
-            except err.Tm2Error as e:
-                if e.status >= 500:
-                    log.error("%s %s: %s", req.method, req.path, e.message)
-                return Response.json(e.to_dict(), e.status)
+            except Exception as e:
+                response = error_response(req, e)
+                if response is None:
+                    raise  # a bug: the server logs it and answers 500
+                return response
             return result if isinstance(result, Response) else Response.json(result)
         if allowed:
             return Response.json({"error": "invalid_argument",
