@@ -17,11 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-
-def is_mounted(path: Path) -> bool:
-    target = os.fsencode(str(path))
-    with open("/proc/mounts", "rb") as f:
-        return any(line.split()[1] == target for line in f)
+from tm2fs.mounts import is_mounted
 
 
 def unmount(path: Path) -> None:

@@ -5,6 +5,7 @@ cases: failing, hanging and partial scripts, shell metacharacters, a remote HOST
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tm2fs.core import ROOT, Service
 from tm2fs.drivers.base import Capacity
 from tm2fs.drivers.legacy import DEFAULT_SCRIPTS, LegacyDriver, StagingHandle
 from tm2fs.errors import BackendUnavailable, Exists, InvalidArgument, Tm2Error, Unsupported
@@ -291,8 +293,9 @@ async def test_a_hanging_script_is_killed_by_script_timeout(tmp_path: Path) -> N
     await d.start()
     await d.allocate("src", MIB)
     started = time.monotonic()
-    with pytest.raises(BackendUnavailable, match=r"CLONE script tm_clone.sh timed out after 1s"):
+    with pytest.raises(OSError, match=r"CLONE script tm_clone.sh timed out after 1s") as e:
         await d.clone("src", "dst")
+    assert e.value.errno == errno.ETIMEDOUT  # a backend fault: the service turns the backend ERROR
     assert time.monotonic() - started < 5
     for _ in range(50):
         if not sleepers(tag):
@@ -310,15 +313,35 @@ def test_a_hanging_push_from_the_blocking_flush_is_killed_too(tmp_path: Path) ->
     h = trio.run(d.open, "k", True)
     h.pwrite(0, b"x")
     started = time.monotonic()
-    with pytest.raises(BackendUnavailable, match=r"MV script tm_mv.sh timed out after 1s"):
+    with pytest.raises(OSError, match=r"MV script tm_mv.sh timed out after 1s") as e:
         h.flush()
+    assert e.value.errno == errno.ETIMEDOUT
     assert time.monotonic() - started < 5
     assert sleepers(tag) == []
     h.truncate(0)
-    with pytest.raises(Tm2Error, match="unsaved image is kept in"):
+    with pytest.raises(OSError, match=r"timed out after 1s.* unsaved image is kept in") as e:
         h.close()
+    assert e.value.errno == errno.ETIMEDOUT
     assert image(d, "k").read_bytes() == bytes(MIB)
     assert sorted(os.listdir(d.root)) == ["k"]
+
+
+@pytest.mark.logs_ok  # the backend's turn to ERROR is logged
+async def test_a_script_timeout_turns_the_backend_to_error(service: Service, tmp_path: Path) -> None:
+    tag = f"33.{uuid.uuid4().int % 10**9:09d}"
+    root = script_set(tmp_path, **{"tm_clone.sh": f"sleep {tag}\n"})  # open stages with CLONE
+    await service.create_backend(ROOT, {"NAME": "slow", "TM": "legacy", "TIMEOUT": 30, "TM_RAW": {
+        "SCRIPTS": str(root), "PATH": str(tmp_path / "slow"), "SCRIPT_TIMEOUT": "1"}})
+    await service.allocate("slow:a.img", "1M", ROOT)
+    with pytest.raises(BackendUnavailable, match=r"CLONE script tm_clone.sh timed out after 1s") as e:
+        await service.open_address("slow:a.img", ROOT, writable=False)
+    assert e.value.errno == errno.EIO
+    b = await service.backend_info("slow")
+    assert b["STATE"] == "ERROR" and "timed out after 1s" in b["ERROR"]
+    with pytest.raises(BackendUnavailable, match="is in ERROR") as e:  # its files answer EIO now
+        await service.open_address("slow:a.img", ROOT, writable=False)
+    assert e.value.errno == errno.EIO
+    assert sleepers(tag) == []
 
 
 async def test_a_cancelled_script_is_killed_too(tmp_path: Path) -> None:

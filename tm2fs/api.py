@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -24,14 +24,24 @@ from .sizes import parse_size
 log = logging.getLogger(__name__)
 
 
+Schema = dict[str, Any]  # a JSON Schema, as OpenAPI 3.1 takes it
+
+
 @dataclass(frozen=True)
 class Route:
+    """One operation. `body` and `query` name every field the handler reads, with its schema;
+    `required` are those it refuses to go without; `attributes` is the schema of free-form body
+    keys (custom backend attributes), None when there are none; `raw` bodies are image bytes."""
+
     method: str
     pattern: str
     summary: str
     func: Callable[..., Awaitable[Any]]
-    body: tuple[str, ...] = ()
-    query: tuple[str, ...] = ()
+    body: dict[str, Schema] = field(default_factory=dict)
+    query: dict[str, Schema] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    attributes: Schema | None = None
+    raw: bool = False
 
     @property
     def regex(self) -> re.Pattern[str]:
@@ -41,13 +51,46 @@ class Route:
 ROUTES: list[Route] = []
 
 
-def route(method: str, pattern: str, summary: str, body: tuple[str, ...] = (),
-          query: tuple[str, ...] = ()) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+def route(method: str, pattern: str, summary: str, **fields: Any,
+          ) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
     def register(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        ROUTES.append(Route(method, pattern, summary, func, body, query))
+        ROUTES.append(Route(method, pattern, summary, func, **fields))
         return func
 
     return register
+
+
+STRING: Schema = {"type": "string"}
+ADDRESS: Schema = {"type": "string", "description": "BACKEND:PATH, the backend by name or ID"}
+SIZE: Schema = {"type": ["integer", "string"],
+                "description": "bytes, or with a binary unit like `truncate -s`: 512M, 10G"}
+FLAG: Schema = {"type": ["boolean", "string"], "description": "true: true, 1, yes or on"}
+HOST: Schema = {"type": "string", "description": "the host (default: this daemon's)"}
+ACCOUNT: Schema = {"type": ["string", "integer"], "description": "a name or number on this host"}
+# the template attributes of a backend (keys in any case); others are custom attributes
+BACKEND: dict[str, Schema] = {
+    "NAME": STRING,
+    "TM": {"type": "string", "description": "the driver: dir, rbd, iscsi, legacy, ..."},
+    "TM_RAW": {"type": ["string", "object"],
+               "description": "the driver's arguments: KEY=VALUE pairs or an object"},
+    "CAPACITY": {"type": ["integer", "string", "null"],
+                 "description": "a cap on what the driver reports (a size); empty or unlimited: none"},
+    "COST": {"type": ["integer", "string"], "description": "a whole number, 0 or more"},
+    "ROLE": {"type": "string", "description": "SAN or REPOSITORY"},
+    "TAGS": {"type": ["string", "array"], "items": STRING,
+             "description": "comma-separated words, or a list"},
+    "CLUSTER": STRING,
+    "TIMEOUT": {"type": ["number", "string"], "description": "seconds (0-3600) for every driver call"},
+    "USER": ACCOUNT,
+    "GROUP": ACCOUNT,
+    "PERMISSIONS": {"type": ["string", "integer"], "description": "octal (0755) or `um- u-- ---`"},
+    "OVERCOMMIT": {"type": ["number", "string"], "description": "1-100"},
+    "RESERVED": {"type": ["number", "string"], "description": "a share kept free: 0.1 or 10%"},
+    "PRIORITY": {"type": ["integer", "string"]},
+}
+ATTRIBUTE: Schema = {"type": ["string", "number", "null"],
+                     "description": "any other key is a custom attribute (letters, digits, _; "
+                                    "keys in any case); an empty value removes it"}
 
 
 def caller_of(request: Request) -> Caller:
@@ -74,7 +117,7 @@ async def list_backends(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/backends", "Create a backend from template attributes (NAME, TM, TM_RAW, ...)",
-       body=("NAME", "TM", "TM_RAW", "CAPACITY", "COST", "ROLE", "TAGS", "CLUSTER", "TIMEOUT"))
+       body=BACKEND, required=("NAME", "TM"), attributes=ATTRIBUTE)
 async def create_backend(svc: Service, req: Request) -> Any:
     return Response.json(await svc.create_backend(caller_of(req), await _object(req)), 201)
 
@@ -84,13 +127,14 @@ async def show_backend(svc: Service, req: Request, ref: str) -> Any:
     return await svc.backend_info(ref, detail=True)
 
 
-@route("PATCH", "/v1/backends/{ref}", "Update a backend's attributes (merge; empty removes)")
+@route("PATCH", "/v1/backends/{ref}", "Update a backend's attributes (merge; empty removes)",
+       body=BACKEND, attributes=ATTRIBUTE)
 async def update_backend(svc: Service, req: Request, ref: str) -> Any:
     return await svc.update_backend(caller_of(req), ref, await _object(req))
 
 
 @route("DELETE", "/v1/backends/{ref}", "Delete a backend (refused while it holds images)",
-       query=("force",))
+       query={"force": FLAG})
 async def delete_backend(svc: Service, req: Request, ref: str) -> Any:
     await svc.delete_backend(caller_of(req), ref, force=_flag(req.query.get("force", "")))
     return Response(204)
@@ -109,7 +153,12 @@ async def disable_backend(svc: Service, req: Request, ref: str) -> Any:
 # ---------------------------------------------------------------------- TM2 actions
 
 
-PLACE = ("requirements", "rank", "policy", "role")  # placement options for `auto:` addresses
+PLACE: dict[str, Schema] = {  # placement options for `auto:` addresses
+    "requirements": {"type": "string", "description": "an expression every candidate must meet"},
+    "rank": {"type": "string", "description": "an expression; the highest value wins"},
+    "policy": {"type": "string", "description": "cost, packing, striping or fixed"},
+    "role": {"type": "string", "description": "SAN (default), REPOSITORY or ANY"},
+}
 
 
 def _place(data: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +166,7 @@ def _place(data: dict[str, Any]) -> dict[str, Any]:
 
 
 @route("POST", "/v1/images/allocate", "allocate: a new (sparse) image; address auto:PATH places it",
-       body=("address", "size", *PLACE))
+       body={"address": ADDRESS, "size": SIZE, **PLACE}, required=("address", "size"))
 async def allocate(svc: Service, req: Request) -> Any:
     data = await _object(req)
     info = await svc.allocate(_arg(data, "address"), _arg(data, "size"), caller_of(req),
@@ -126,14 +175,14 @@ async def allocate(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/placement", "Every backend's verdict for a new image of `size` (a dry run)",
-       body=("size", *PLACE))
+       body={"size": SIZE, **PLACE}, required=("size",))
 async def place(svc: Service, req: Request) -> Any:
     data = await _object(req)
     return await svc.explain(caller_of(req), _arg(data, "size"), **_place(data))
 
 
 @route("POST", "/v1/images/resize", "resize: grow (or shrink with shrink=true)",
-       body=("address", "size", "shrink"))
+       body={"address": ADDRESS, "size": SIZE, "shrink": FLAG}, required=("address", "size"))
 async def resize(svc: Service, req: Request) -> Any:
     data = await _object(req)
     return await svc.resize(_arg(data, "address"), _arg(data, "size"), caller_of(req),
@@ -141,24 +190,26 @@ async def resize(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/images/delete", "delete: remove an image (refused while attached)",
-       body=("address",))
+       body={"address": ADDRESS}, required=("address",))
 async def delete(svc: Service, req: Request) -> Any:
     await svc.delete(_arg(await _object(req), "address"), caller_of(req))
     return Response(204)
 
 
-@route("GET", "/v1/images/size", "get-size: the image's size in bytes", query=("address",))
+@route("GET", "/v1/images/size", "get-size: the image's size in bytes",
+       query={"address": ADDRESS}, required=("address",))
 async def get_size(svc: Service, req: Request) -> Any:
     return {"size": svc.get_size(_arg(req.query, "address"), caller_of(req))}
 
 
-@route("GET", "/v1/images/info", "An image's attributes and attachments", query=("address",))
+@route("GET", "/v1/images/info", "An image's attributes and attachments",
+       query={"address": ADDRESS}, required=("address",))
 async def info(svc: Service, req: Request) -> Any:
     return await svc.image_info(_arg(req.query, "address"), caller_of(req))
 
 
 @route("POST", "/v1/images/clone", "clone: COW/reflink inside a backend, a copy across; dst "
-       "auto:PATH places it", body=("src", "dst", *PLACE))
+       "auto:PATH places it", body={"src": ADDRESS, "dst": ADDRESS, **PLACE}, required=("src", "dst"))
 async def clone(svc: Service, req: Request) -> Any:
     data = await _object(req)
     return Response.json(await svc.clone(_arg(data, "src"), _arg(data, "dst"), caller_of(req),
@@ -166,21 +217,23 @@ async def clone(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host",
-       body=("address", "path", "host"))
+       body={"address": ADDRESS, "path": STRING, "host": HOST}, required=("address", "path"))
 async def attach(svc: Service, req: Request) -> Any:
     data = await _object(req)
     return Response.json(await svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
                                     data.get("host")), 201)
 
 
-@route("POST", "/v1/images/detach", "detach: forget an attachment", body=("address", "path", "host"))
+@route("POST", "/v1/images/detach", "detach: forget an attachment",
+       body={"address": ADDRESS, "path": STRING, "host": HOST}, required=("address", "path"))
 async def detach(svc: Service, req: Request) -> Any:
     data = await _object(req)
     await svc.detach(_arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"))
     return Response(204)
 
 
-@route("GET", "/v1/images/data", "read / get: stream the image's bytes", query=("address",))
+@route("GET", "/v1/images/data", "read / get: stream the image's bytes",
+       query={"address": ADDRESS}, required=("address",))
 async def read(svc: Service, req: Request) -> Any:
     of = await svc.open_address(_arg(req.query, "address"), caller_of(req), writable=False)
     size = of.image.size
@@ -202,7 +255,9 @@ async def read(svc: Service, req: Request) -> Any:
 
 
 @route("PUT", "/v1/images/data", "write (replace, creating if missing) / push (new image only)",
-       query=("address", "mode", "size", *PLACE))
+       query={"address": ADDRESS, "mode": {"type": "string", "enum": ["write", "push"]},
+              "size": {**SIZE, "description": "what placement reserves for a new image"}, **PLACE},
+       required=("address",), raw=True)
 async def write(svc: Service, req: Request) -> Any:
     address = _arg(req.query, "address")
     mode = req.query.get("mode", "write")
@@ -244,7 +299,7 @@ async def write(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/images/break-lease", "Break the write lease of a host that died holding it",
-       body=("address", "force"))
+       body={"address": ADDRESS, "force": FLAG}, required=("address",))
 async def break_lease(svc: Service, req: Request) -> Any:
     data = await _object(req)
     return await svc.break_lease(_arg(data, "address"), caller_of(req), force=_flag(data.get("force")))
@@ -257,7 +312,7 @@ async def list_hosts(svc: Service, req: Request) -> Any:
 
 
 @route("GET", "/v1/images/localpath", "Where the image's bytes are on this host, if anywhere",
-       query=("address",))
+       query={"address": ADDRESS}, required=("address",))
 async def local_path(svc: Service, req: Request) -> Any:
     return {"path": svc.local_path(_arg(req.query, "address"), caller_of(req))}
 
@@ -279,14 +334,24 @@ def openapi_document() -> dict[str, Any]:
                               "responses": {"200": {"description": "success"},
                                             "4XX": {"description": "bad request: "
                                                     "{error, message, hint}"}}}
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": n, "in": "path", "required": True, "schema": STRING}
                   for n in re.findall(r"\{(\w+)\}", r.pattern)]
-        params += [{"name": n, "in": "query", "schema": {"type": "string"}} for n in r.query]
+        params += [{"name": n, "in": "query", "required": n in r.required, "schema": schema}
+                   for n, schema in r.query.items()]
         if params:
             op["parameters"] = params
-        if r.body:
-            op["requestBody"] = {"content": {"application/json": {"schema": {
-                "type": "object", "properties": {n: {} for n in r.body}}}}}
+        if r.raw:
+            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}}
+        elif r.body or r.attributes:
+            schema: Schema = {"type": "object", "properties": r.body}
+            if r.attributes:
+                schema["additionalProperties"] = r.attributes
+            required = [n for n in r.required if n in r.body]
+            if required:
+                schema["required"] = required
+            op["requestBody"] = {"required": bool(required),
+                                 "content": {"application/json": {"schema": schema}}}
         paths.setdefault(r.pattern, {})[r.method.lower()] = op
     return {"openapi": "3.1.0",
             "info": {"title": "tm2fs control API", "version": __version__},
@@ -303,6 +368,33 @@ async def _object(req: Request) -> dict[str, Any]:
     return data
 
 
+def tm2_error(e: BaseException) -> err.Tm2Error | None:
+    """The Tm2Error a request failed with, if it failed with one. Trio nurseries (the parallel
+    chunk reads and writes of a stream) wrap errors in ExceptionGroups: a group whose every leaf
+    is a Tm2Error answers as its first leaf (e.g. NoSpace: 507); any other group is a bug."""
+    if isinstance(e, err.Tm2Error):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        errors, others = e.split(err.Tm2Error)
+        if errors is not None and others is None:
+            leaf: BaseException = errors
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, err.Tm2Error) else None
+    return None
+
+
+def error_response(req: Request, e: Exception) -> Response | None:
+    """The answer to a request that failed with `e`: the Tm2Error's status and JSON body, or
+    None when `e` is no Tm2Error (nor a group of them)."""
+    error = tm2_error(e)
+    if error is None:
+        return None
+    if error.status >= 500:
+        log.error("%s %s: %s", req.method, req.path, error.message)
+    return Response.json(error.to_dict(), error.status)
+
+
 def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
     compiled = [(r, r.regex) for r in ROUTES]
 
@@ -317,10 +409,11 @@ def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
                 continue
             try:
                 result = await r.func(svc, req, **m.groupdict())
-            except err.Tm2Error as e:
-                if e.status >= 500:
-                    log.error("%s %s: %s", req.method, req.path, e.message)
-                return Response.json(e.to_dict(), e.status)
+            except Exception as e:
+                response = error_response(req, e)
+                if response is None:
+                    raise  # a bug: the server logs it and answers 500
+                return response
             return result if isinstance(result, Response) else Response.json(result)
         if allowed:
             return Response.json({"error": "invalid_argument",

@@ -110,17 +110,21 @@ def prepare_mountpoint(path: Path) -> None:
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.fsencode(str(path)).replace(b" ", b"\\040")
-    with open("/proc/self/mounts", "rb") as f:
-        return any(line.split()[1] == target for line in f)
+    from . import mounts
+
+    return mounts.is_mounted(path)
 
 
 async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
-    from . import api, fs, hosts, monitor
+    from . import api, fs, hosts, httpserver, monitor
     from .core import Service
 
     state_dir = Path(args.state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before anything is mounted: a second daemon on a live socket changes nothing
+        await httpserver.claim_socket(args.socket)
+    except OSError as e:
+        raise SystemExit(f"tm2fs: {e.strerror}") from None
     mountpoint = Path(args.mountpoint).absolute()
     prepare_mountpoint(mountpoint)
     clean = False

@@ -10,11 +10,13 @@ alive.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import pwd
 import socket
+import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,11 +88,36 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, groups)
 
 
+async def claim_socket(path: str) -> None:
+    """Make `path` free for a new listener: a stale socket left by a crashed daemon (nobody
+    accepts: ECONNREFUSED) is removed; a socket someone serves, or anything that is not a socket,
+    is refused (OSError EADDRINUSE / EEXIST), so a second daemon never steals a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket: refusing to replace it")
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            await probe.connect(path)
+        except ConnectionRefusedError:
+            log.info("removing the stale control socket %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except FileNotFoundError:
+            return  # gone meanwhile
+        except BlockingIOError:
+            pass  # its backlog is full: someone listens
+    raise OSError(errno.EADDRINUSE, f"another tm2fs is serving {path} "
+                  "(stop it, or give this daemon another --socket)")
+
+
 async def serve_unix(path: str, handler: Handler, *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on `path` (mode 0666: access is decided per request from the peer's uid)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    await claim_socket(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)

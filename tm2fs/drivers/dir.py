@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from ..errors import InvalidArgument
+from ..mounts import filesystem_type
 from .base import (
     Capacity,
     Driver,
@@ -43,20 +44,6 @@ COPY_CHUNK = 8 * 2**20
 # filesystems whose calls can block for as long as a server is away
 REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre", "afs",
           "fuse", "fuseblk", "sshfs")
-
-
-def filesystem_type(path: str | os.PathLike) -> str:
-    """The type of the filesystem holding `path` (the longest mount point above it)."""
-    real = os.path.realpath(path)
-    best, kind = "", ""
-    with open("/proc/self/mounts", "rb") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[1].decode(errors="replace").replace("\\040", " ")
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, kind = point, fields[2].decode(errors="replace")
-    return kind
 
 
 def is_remote(fs_type: str) -> bool:

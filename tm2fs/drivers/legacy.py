@@ -20,9 +20,10 @@ KEY lives at HOST:PATH/KEY. The TM2 actions map onto the scripts:
   and allocate rounds sizes up to whole MiB.
 
 Every script runs as an argument list (never through a shell) in its own process group, bounded
-by SCRIPT_TIMEOUT; a timeout kills the whole group. A failure raises a Tm2Error carrying the
-script's `ERROR MESSAGE --8<------` block. Exit status 17 (EEXIST) means "the destination exists,
-nothing was created" (the shipped scripts never overwrite an image) and raises Exists.
+by SCRIPT_TIMEOUT; a timeout kills the whole group and raises OSError ETIMEDOUT, a backend fault
+(the backend turns ERROR). A failure raises a Tm2Error carrying the script's
+`ERROR MESSAGE --8<------` block. Exit status 17 (EEXIST) means "the destination exists, nothing
+was created" (the shipped scripts never overwrite an image) and raises Exists.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 
 import trio
 
-from ..errors import BackendUnavailable, Exists, InvalidArgument, Tm2Error, Unsupported
+from ..errors import Exists, InvalidArgument, Tm2Error, Unsupported
 from .base import (
     Capacity,
     Driver,
@@ -237,9 +238,7 @@ class LegacyDriver(Driver):
                     [str(script), *args], capture_stdout=True, capture_stderr=True, check=False,
                     start_new_session=True, deliver_cancel=_kill_group)
         except trio.TooSlowError:
-            raise BackendUnavailable(
-                f"legacy driver: {action} script {script.name} timed out after {self.timeout:g}s",
-                "raise SCRIPT_TIMEOUT in TM_RAW, or check the storage host") from None
+            raise self._timed_out(action, script) from None
         return self._result(action, script, result.returncode, result.stdout, result.stderr)
 
     def _run_blocking(self, action: str, *args: str) -> str:
@@ -253,10 +252,17 @@ class LegacyDriver(Driver):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
-                raise BackendUnavailable(
-                    f"legacy driver: {action} script {script.name} timed out after {self.timeout:g}s",
-                    "raise SCRIPT_TIMEOUT in TM_RAW, or check the storage host") from None
+                raise self._timed_out(action, script) from None
         return self._result(action, script, proc.returncode, out, err)
+
+    def _timed_out(self, action: str, script: Path) -> OSError:
+        """A script that outlived SCRIPT_TIMEOUT (its process group is killed): ETIMEDOUT, a
+        backend fault, so the backend turns ERROR and its files answer EIO until the monitor
+        sees it well again."""
+        return OSError(errno.ETIMEDOUT,
+                       f"legacy driver: {action} script {script.name} timed out after "
+                       f"{self.timeout:g}s and was killed (raise SCRIPT_TIMEOUT in TM_RAW, or "
+                       "check the storage host)")
 
     def _result(self, action: str, script: Path, status: int, out: bytes, err: bytes) -> str:
         if status != 0:
@@ -464,10 +470,12 @@ class StagingHandle(InlineHandle):
             os.close(self.fd)
 
 
-def _kept(e: Tm2Error | OSError, file: Path) -> Tm2Error:
-    """A failed final push: the changes stay in the staging file, whose name the admin needs."""
-    message = e.message if isinstance(e, Tm2Error) else str(e)
-    return Tm2Error(f"{message} (the unsaved image is kept in {file})",
+def _kept(e: Tm2Error | OSError, file: Path) -> Tm2Error | OSError:
+    """A failed final push: the changes stay in the staging file, whose name the admin needs.
+    An OSError keeps its errno, so a backend fault (a timeout) still turns the backend ERROR."""
+    if isinstance(e, OSError):
+        return OSError(e.errno, f"{e.strerror or e} (the unsaved image is kept in {file})")
+    return Tm2Error(f"{e.message} (the unsaved image is kept in {file})",
                     "copy it back by hand once the storage works again")
 
 
