@@ -25,28 +25,118 @@ class Tm2Error(Exception):
         return {"error": self.code, "message": self.message, "hint": self.hint}
 
 
-def _kind(name: str, err: int, status: int, code: str) -> type[Tm2Error]:
-    return type(name, (Tm2Error,), {"errno": err, "status": status, "code": code})
+class NotFound(Tm2Error):
+    errno = E.ENOENT
+    status = 404
+    code = "not_found"
 
 
-NotFound = _kind("NotFound", E.ENOENT, 404, "not_found")
-Exists = _kind("Exists", E.EEXIST, 409, "exists")
-InvalidArgument = _kind("InvalidArgument", E.EINVAL, 400, "invalid_argument")
-NameTooLong = _kind("NameTooLong", E.ENAMETOOLONG, 400, "name_too_long")
-PermissionDenied = _kind("PermissionDenied", E.EACCES, 403, "permission_denied")
-NotPermitted = _kind("NotPermitted", E.EPERM, 403, "not_permitted")
-NotEmpty = _kind("NotEmpty", E.ENOTEMPTY, 409, "not_empty")
-IsADirectory = _kind("IsADirectory", E.EISDIR, 409, "is_a_directory")
-NotADirectory = _kind("NotADirectory", E.ENOTDIR, 409, "not_a_directory")
-CrossBackend = _kind("CrossBackend", E.EXDEV, 409, "cross_backend")
-ReadOnly = _kind("ReadOnly", E.EROFS, 409, "read_only")
-Busy = _kind("Busy", E.EBUSY, 409, "busy")
-NoSpace = _kind("NoSpace", E.ENOSPC, 507, "no_space")
-FileTooBig = _kind("FileTooBig", E.EFBIG, 400, "too_big")
-Unsupported = _kind("Unsupported", E.EOPNOTSUPP, 501, "unsupported")
-BackendUnavailable = _kind("BackendUnavailable", E.EIO, 503, "backend_unavailable")
-Remote = _kind("Remote", E.EREMOTE, 409, "remote")  # a host-local backend of another host
-StoreUnavailable = _kind("StoreUnavailable", E.EIO, 503, "store_unavailable")  # pool store stalled
+class Exists(Tm2Error):
+    errno = E.EEXIST
+    status = 409
+    code = "exists"
+
+
+class InvalidArgument(Tm2Error):
+    errno = E.EINVAL
+    status = 400
+    code = "invalid_argument"
+
+
+class NameTooLong(Tm2Error):
+    errno = E.ENAMETOOLONG
+    status = 400
+    code = "name_too_long"
+
+
+class PermissionDenied(Tm2Error):
+    errno = E.EACCES
+    status = 403
+    code = "permission_denied"
+
+
+class NotPermitted(Tm2Error):
+    errno = E.EPERM
+    status = 403
+    code = "not_permitted"
+
+
+class NotEmpty(Tm2Error):
+    errno = E.ENOTEMPTY
+    status = 409
+    code = "not_empty"
+
+
+class IsADirectory(Tm2Error):
+    errno = E.EISDIR
+    status = 409
+    code = "is_a_directory"
+
+
+class NotADirectory(Tm2Error):
+    errno = E.ENOTDIR
+    status = 409
+    code = "not_a_directory"
+
+
+class CrossBackend(Tm2Error):
+    errno = E.EXDEV
+    status = 409
+    code = "cross_backend"
+
+
+class ReadOnly(Tm2Error):
+    errno = E.EROFS
+    status = 409
+    code = "read_only"
+
+
+class Busy(Tm2Error):
+    errno = E.EBUSY
+    status = 409
+    code = "busy"
+
+
+class NoSpace(Tm2Error):
+    errno = E.ENOSPC
+    status = 507
+    code = "no_space"
+
+
+class FileTooBig(Tm2Error):
+    errno = E.EFBIG
+    status = 400
+    code = "too_big"
+
+
+class Unsupported(Tm2Error):
+    errno = E.EOPNOTSUPP
+    status = 501
+    code = "unsupported"
+
+
+class BackendUnavailable(Tm2Error):
+    errno = E.EIO
+    status = 503
+    code = "backend_unavailable"
+
+
+class Remote(Tm2Error):
+    """A host-local backend of another host."""
+
+    errno = E.EREMOTE
+    status = 409
+    code = "remote"
+
+
+class StoreUnavailable(Tm2Error):
+    """The pool store stalled; `maybe_done` when the change was running and may yet commit."""
+
+    errno = E.EIO
+    status = 503
+    code = "store_unavailable"
+    maybe_done: bool = False
+
 
 BY_CODE: dict[str, type[Tm2Error]] = {
     cls.code: cls

@@ -118,7 +118,7 @@ class StoreWorker:
             raise e
         if job.error is not None:
             raise job.error
-        return job.result  # type: ignore[no-any-return]
+        return job.result
 
     def _put(self, job: Job[Any]) -> None:
         if self._thread is None:

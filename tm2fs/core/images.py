@@ -90,7 +90,8 @@ class Images:
         try:
             ino = await self.pool.write(work, caller)
         except BaseException as e:
-            if not getattr(e, "maybe_done", False):  # else the rows may yet commit: keep the data
+            # a change that may yet commit keeps its data
+            if not (isinstance(e, err.StoreUnavailable) and e.maybe_done):
                 with trio.CancelScope(shield=True):
                     await quietly(self.placing.unreserve(reservation))
                     await quietly(self.backends.runtime(b).driver.delete(key))
