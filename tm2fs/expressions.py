@@ -387,7 +387,7 @@ def _attr_vs_lit(op: str, name: str, lit: _Lit) -> Test:
         needle = lit.text
 
         def contains(attrs: Attrs) -> bool:
-            v = attrs.get(name)
+            v: Any = attrs.get(name)
             cls = v.__class__
             if cls is list:
                 return needle in v or any(e.__class__ is not str and str(e) == needle for e in v)
@@ -489,7 +489,7 @@ def _constant(value: float) -> _Num:
 
 def _rank_attr(text: str, name: str, column: int) -> _Num:
     def get(attrs: Attrs) -> float:
-        v = attrs.get(name)
+        v: Any = attrs.get(name)
         cls = v.__class__
         if cls is float:
             return v
@@ -518,7 +518,8 @@ def _rank_chain(first: _Num, rest: list[tuple[str, _Num]]) -> _Num:
     if first.const is not None and all(n.const is not None for _, n in rest):
         value = first.const
         for op, n in rest:
-            value = _ARITH[op](value, n.const)  # type: ignore[arg-type]
+            assert n.const is not None  # all checked above
+            value = _ARITH[op](value, n.const)
         return _constant(value)
     if len(rest) == 1:
         op, second = rest[0]
@@ -639,7 +640,7 @@ class _Parser:
         tok = self.peek()
         if self.is_op("!"):
             self.enter(self.take())
-            node = _Not(self.unary())
+            node: _Node = _Not(self.unary())
             self.depth -= 1
             return node
         if self.is_op("("):
@@ -707,7 +708,8 @@ class _Parser:
             return node
         if tok.kind == "number":
             self.take()
-            return _constant(float(tok.value))  # type: ignore[arg-type]
+            assert tok.value is not None  # the lexer gives every number its value
+            return _constant(float(tok.value))
         if tok.kind == "name":
             self.take()
             attr = self.attribute(tok)

@@ -34,8 +34,9 @@ def format_size(value: int | None) -> str:
     """Compact binary units for tables; None means the backend did not say."""
     if value is None:
         return "-"
+    n: float = value  # stays an int while below 1024
     for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(value) < 1024 or unit == "P":
-            return f"{value}{unit}" if unit == "" else f"{value:.1f}{unit}"
-        value /= 1024
-    return str(value)
+        if abs(n) < 1024 or unit == "P":
+            return f"{n}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)

@@ -49,6 +49,7 @@ def _pairs(tokens: list[str], pos: int, nested: bool) -> tuple[dict[str, Any], i
             out[key] = ""
             return out, pos + 2
         value_tok = tokens[pos + 2]
+        value: dict[str, Any] | str
         if value_tok == "[":
             value, pos = _pairs(tokens, pos + 3, nested=True)
         elif value_tok in ("=", "]", ","):
