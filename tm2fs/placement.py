@@ -206,8 +206,8 @@ def ranked(req: Request, pool: Pool,
             if b.id != best[1] and eligible(b, attrs, r)]
     heapq.heapify(heap)
     while heap:
-        k, _, b, attrs = heapq.heappop(heap)
-        yield Verdict(b, attrs, rank=_describe(req, k, attrs), matched=True)
+        order, _, b, attrs = heapq.heappop(heap)
+        yield Verdict(b, attrs, rank=_describe(req, order, attrs), matched=True)
 
 
 def decide(req: Request, pool: Pool,

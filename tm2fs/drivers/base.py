@@ -287,7 +287,7 @@ def positive_int(value: Any, what: str) -> int:
     return number
 
 
-def directory_capacity(path: str | os.PathLike) -> Capacity:
+def directory_capacity(path: str | os.PathLike[str]) -> Capacity:
     """A directory of image files: its filesystem's size and free space, and the blocks its
     files really hold (thin images count what is written). Blocking: call in a worker thread."""
     st = os.statvfs(path)

@@ -169,7 +169,7 @@ class IscsiDriver(Driver):
     async def _login(self, key: str) -> Session:
         """A session made in a worker thread; if the caller gave up meanwhile, it is closed."""
         check_key(key)
-        state = {"abandoned": False, "session": None}
+        state: dict[str, bool | Session | None] = {"abandoned": False, "session": None}
         lock = threading.Lock()
 
         def work() -> Session:

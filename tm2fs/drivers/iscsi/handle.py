@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..base import Handle, ThreadedHandle
+from ..base import BlockingHandle, ThreadedHandle
 from .libiscsi import Session
 from .runner import in_thread
 from .settings import BLOCK, round_up
@@ -30,7 +30,7 @@ GROW_MIN = 64 * 2**20
 GROW_MAX = 2**30
 
 
-class BlockHandle(Handle):
+class BlockHandle(BlockingHandle):
     """Byte access over a session's 512-byte blocks (blocking: runs in worker threads).
 
     One session per handle, so calls are serialized by a lock; a call stuck on a dead target
