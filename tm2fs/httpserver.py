@@ -20,6 +20,7 @@ import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -79,7 +80,7 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def peer_of(sock: socket.socket) -> Peer:
+def peer_of(sock: trio.socket.SocketType) -> Peer:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                         struct.calcsize("3i")))
     groups: frozenset[int] = frozenset()
@@ -126,14 +127,14 @@ async def serve_unix(path: str, handler: Handler, *,
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        await trio.serve_listeners(lambda stream: _connection(stream, handler), [listener])
+        await trio.serve_listeners(partial(_connection, handler=handler), [listener])
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
 async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
-    peer = peer_of(stream.socket)  # type: ignore[arg-type]
+    peer = peer_of(stream.socket)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
     try:
         while True:

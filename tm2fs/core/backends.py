@@ -12,9 +12,11 @@ import dataclasses
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -42,7 +44,7 @@ class Runtime:
 
 
 class Backends:
-    def __init__(self, pool: Pool, state_dir: object) -> None:
+    def __init__(self, pool: Pool, state_dir: Path) -> None:
         self.pool = pool
         self.host = pool.host
         self.state_dir = state_dir
@@ -274,9 +276,9 @@ def capped(cap: Capacity, limit: int | None) -> tuple[int | None, int | None, in
     return total, free, used
 
 
-async def quietly(coro: object) -> None:
+async def quietly(coro: Awaitable[Any]) -> None:
     """A cleanup step after a failure: the first error is the one to report."""
     try:
-        await coro  # type: ignore[misc]
+        await coro
     except Exception as e:
         log.debug("cleanup step failed: %s", e)

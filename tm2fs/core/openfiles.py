@@ -88,6 +88,7 @@ class OpenFiles:
                 raise err.NotFound(f"{n.name} is gone")
         check(caller, n, READ | WRITE if writable else READ)
         assert n.backend_id is not None
+        assert n.image_id is not None  # checked above; mypy forgets it where n is re-read
         b = self.backends.get(n.backend_id)
         self.backends.usable(b, write=writable or truncate)
         if writable:

@@ -9,6 +9,7 @@ attachments; leases of files that were open go (those of attachments stay).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from .. import errors as err
 from ..model import ROOT
@@ -97,7 +98,7 @@ class Recovery:
             except err.Unsupported:
                 return  # e.g. a legacy script set on a remote host: sizes stay as kept
             if real != im.size:
-                await self.pool.write(lambda tx, i=im.id, r=real: tx.set_image_size(i, r))
+                await self.pool.write(partial(Tx.set_image_size, image_id=im.id, size=real))
                 fixed["sizes"] += 1
 
     async def ensure_default_backend(self) -> None:

@@ -46,7 +46,8 @@ async def _together(calls: list[Callable[[], Awaitable[None]]]) -> None:
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     e: BaseException = group
     while isinstance(e, BaseExceptionGroup):
-        errors = [x for x in e.exceptions if isinstance(x, Tm2Error)] or list(e.exceptions)
+        errors: list[BaseException] = [x for x in e.exceptions if isinstance(x, Tm2Error)]
+        errors = errors or list(e.exceptions)
         e = errors[0]
     return e
 
