@@ -234,6 +234,12 @@ class Tx:
         self.touched_backends.update(backends)
         return self.delta()
 
+    def _insert(self, insert: sa.Insert) -> int:
+        """Run a one-row insert; the new row's id."""
+        key = self.c.execute(insert).inserted_primary_key
+        assert key is not None  # only inserts of many rows have none
+        return key[0]
+
     def everything(self) -> Delta:
         """The whole namespace, every image and backend: a host's view at start, or after
         notifications may have been lost."""
@@ -260,8 +266,7 @@ class Tx:
     def insert_backend(self, **values: Any) -> int:
         values = _encode_backend(values)
         t = time.time()
-        result = self.c.execute(backend.insert().values(created=t, updated=t, **values))
-        bid = result.inserted_primary_key[0]
+        bid = self._insert(backend.insert().values(created=t, updated=t, **values))
         self.touched_backends.add(bid)
         return bid
 
@@ -292,9 +297,8 @@ class Tx:
 
     def insert_reservation(self, backend_id: int, size: int, host: str,
                            key: str | None = None) -> int:
-        return self.c.execute(reservation.insert().values(
-            backend_id=backend_id, size=size, host=host, key=key, created=time.time())
-        ).inserted_primary_key[0]
+        return self._insert(reservation.insert().values(
+            backend_id=backend_id, size=size, host=host, key=key, created=time.time()))
 
     def set_reservation_key(self, reservation_id: int, key: str) -> None:
         self.c.execute(reservation.update().where(reservation.c.id == reservation_id)
@@ -314,7 +318,7 @@ class Tx:
                       reservation.c.host).order_by(reservation.c.id)
         if host is not None:
             q = q.where(reservation.c.host == host)
-        return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
+        return [tuple(r) for r in self.c.execute(q)]
 
     def notify(self, payload: str) -> None:
         """Tell the other daemons at this transaction's commit (PostgreSQL NOTIFY); SQLite: no-op."""
@@ -365,7 +369,7 @@ class Tx:
         q = sa.select(lease.c.image_id, lease.c.host, lease.c.since).order_by(lease.c.image_id)
         if holder is not None:
             q = q.where(lease.c.host == holder)
-        return [tuple(r) for r in self.c.execute(q)]  # type: ignore[misc]
+        return [tuple(r) for r in self.c.execute(q)]
 
     def delete_backend(self, backend_id: int) -> None:
         self.touched_backends.add(backend_id)
@@ -392,7 +396,7 @@ class Tx:
                 sa.select(image.c.backend_id, sa.func.count(), sa.func.sum(image.c.size))
                 .group_by(image.c.backend_id))
         )
-        vms = dict(self.c.execute(
+        vms: dict[int, int] = dict(self.c.execute(
             sa.select(image.c.backend_id, sa.func.count())
             .select_from(attachment.join(image, attachment.c.image_id == image.c.id))
             .group_by(image.c.backend_id)).all())
@@ -439,7 +443,7 @@ class Tx:
         t = now_ns()
         for k in ("atime_ns", "mtime_ns", "ctime_ns"):
             values.setdefault(k, t)
-        ino = self.c.execute(node.insert().values(**values)).inserted_primary_key[0]
+        ino = self._insert(node.insert().values(**values))
         self.touched_nodes.add(ino)
         return ino
 
@@ -478,9 +482,8 @@ class Tx:
         return [Image(**r._mapping) for r in self.c.execute(q)]
 
     def insert_image(self, backend_id: int, key: str, size: int) -> int:
-        image_id = self.c.execute(image.insert().values(
-            backend_id=backend_id, key=key, size=size, created=time.time())
-        ).inserted_primary_key[0]
+        image_id = self._insert(image.insert().values(
+            backend_id=backend_id, key=key, size=size, created=time.time()))
         self.touched_images.add(image_id)
         return image_id
 
@@ -524,9 +527,8 @@ class Tx:
 
     def insert_attachment(self, image_id: int, host: str, path: str,
                           link_ino: int | None = None) -> int:
-        return self.c.execute(attachment.insert().values(
-            image_id=image_id, host=host, path=path, link_ino=link_ino, created=time.time())
-        ).inserted_primary_key[0]
+        return self._insert(attachment.insert().values(
+            image_id=image_id, host=host, path=path, link_ino=link_ino, created=time.time()))
 
     def set_attachment_path(self, attachment_id: int, path: str) -> None:
         self.c.execute(attachment.update().where(attachment.c.id == attachment_id).values(path=path))
