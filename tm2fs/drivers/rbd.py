@@ -76,7 +76,7 @@ try:  # the bindings exist only as distribution packages (python3-rados, python3
     import rados
     import rbd
 except ImportError:  # pragma: no cover - reported by validate()
-    rados = rbd = None  # type: ignore[assignment]
+    rados = rbd = None
 
 T = TypeVar("T")
 

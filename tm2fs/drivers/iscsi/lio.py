@@ -37,7 +37,7 @@ class LioTargets:
         """rtslib_fb, imported on first use, with a clear OSError if it or configfs is missing."""
         if self._rtslib is None:
             try:
-                import rtslib_fb  # type: ignore[import-not-found]
+                import rtslib_fb
             except ImportError:
                 raise OSError(errno.ENODEV, "iscsi driver: TARGET_MANAGER=lio needs rtslib-fb (Debian's "
                               "python3-rtslib-fb or `pip install rtslib-fb`)") from None
