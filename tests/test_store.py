@@ -8,8 +8,8 @@ import pytest
 import sqlalchemy as sa
 
 from tm2fs import errors as err
-from tm2fs import store as st
 from tm2fs.store import ROOT_INO, PoolStore
+from tm2fs.store import schema as st
 
 
 def test_fresh_store_has_root_and_version(store: PoolStore) -> None:

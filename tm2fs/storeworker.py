@@ -15,6 +15,7 @@ On PostgreSQL the change notification (NOTIFY) goes inside the same transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import sqlalchemy as sa
 import trio
 
 from . import errors as err
@@ -67,6 +69,7 @@ class StoreWorker:
         self._token: trio.lowlevel.TrioToken | None = None
         self._unsynced = False
         self._last_sync = time.monotonic()
+        self._conn: sa.Connection | None = None
         self.transactions = 0  # for benchmarks and tests: how many this daemon ran
 
     def start(self) -> None:
@@ -136,6 +139,9 @@ class StoreWorker:
                 continue
             if job is None:
                 self._sync()
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.close()
                 return
             with self._lock:
                 if job.withdrawn:
@@ -154,20 +160,38 @@ class StoreWorker:
             except trio.RunFinishedError:
                 return
 
+    def _connection(self) -> sa.Connection:
+        """The worker's own connection, held across transactions (a pool check-out per
+        transaction costs more than the transaction); a broken one is replaced."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            conn = self._conn = self.store.engine.connect()
+        return conn
+
     def _transaction(self, job: Job[Any]) -> tuple[Any, Delta | None]:
         self.transactions += 1
+        conn = self._connection()
+        conn.execution_options(tm2fs_read=not job.write)  # SQLite: BEGIN, or BEGIN IMMEDIATE
         if not job.write:
-            with self.store.read() as tx:
-                result = job.work(tx)
+            with conn.begin():
+                result = job.work(Tx(conn))
             return result, result if job.refresh else None
-        with self.store.begin() as tx:
-            result = job.work(tx)
-            delta = tx.delta()
-            if delta and self.store.shared:
-                payload = json.dumps({"h": self.host, **delta.ids()})
-                if len(payload) > NOTIFY_MAX:
-                    payload = json.dumps({"h": self.host, "all": True})
-                tx.notify(payload)
+        try:
+            with conn.begin():
+                tx = Tx(conn)
+                result = job.work(tx)
+                delta = tx.delta()
+                if delta and self.store.shared:
+                    payload = json.dumps({"h": self.host, **delta.ids()})
+                    if len(payload) > NOTIFY_MAX:
+                        payload = json.dumps({"h": self.host, "all": True})
+                    tx.notify(payload)
+        except sa.exc.IntegrityError as e:  # two hosts made the same name at once
+            raise err.Exists("it exists (made concurrently elsewhere)",
+                             "look again: another host made it meanwhile") from e
         self._unsynced = True
         return result, delta
 

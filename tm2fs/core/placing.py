@@ -100,6 +100,8 @@ class Placing:
         host = self.pool.host
 
         def work(tx: Tx) -> int:
+            if size <= 0:  # promises no space: only the key is recorded, no lock, no sum
+                return tx.insert_reservation(backend_id, 0, host, key)
             b = tx.lock_backend(backend_id)
             if b is None:
                 raise err.NotFound(f"backend {backend_id} does not exist")
