@@ -270,6 +270,10 @@ class Operations(pyfuse3.Operations):
             of = await self.service.open(inode, _caller(ctx), writable=writable,
                                          truncate=bool(flags & os.O_TRUNC),
                                          append=bool(flags & os.O_APPEND))
+        if of.stale_kernel and pyfuse3.trio_token is not None:
+            # another host changed it: the kernel must drop its cached size before the first
+            # read, not some time after (close-to-open consistency)
+            await self._invalidate_in_thread(inode, None, None)
         # a fresh page cache per open: API writes do not pass through the kernel (module docstring)
         return pyfuse3.FileInfo(fh=self._add(of), keep_cache=False)
 

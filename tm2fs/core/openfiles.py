@@ -58,6 +58,7 @@ class OpenFile:
     writable: bool
     append: bool = False
     origin: str = "fs"  # who opened it: writes from elsewhere must reach the kernel's caches
+    stale_kernel: bool = False  # revalidation found another host's change the kernel may cache
 
 
 class OpenFiles:
@@ -81,9 +82,13 @@ class OpenFiles:
             raise err.IsADirectory(f"{n.name} is a directory")
         if n.image_id is None:
             raise err.InvalidArgument(f"{n.name} is not an image")
+        changed = False
         if self.pool.store.shared and n.image_id not in self.pool.open:
-            await self.pool.revalidate(n)  # another host may have written it since
+            changed = await self.pool.revalidate(n)  # another host may have written it since
             n = self.ns.get(ino)
+            if ino in self.pool.remote_touched:
+                self.pool.remote_touched.discard(ino)
+                changed = True
             if n.image_id is None:
                 raise err.NotFound(f"{n.name} is gone")
         check(caller, n, READ | WRITE if writable else READ)
@@ -101,7 +106,7 @@ class OpenFiles:
                 with trio.CancelScope(shield=True):
                     await self.leases.closed_for_writing(n.image_id)
             raise
-        of = OpenFile(oi, writable, append, caller.origin)
+        of = OpenFile(oi, writable, append, caller.origin, stale_kernel=changed)
         if truncate and oi.size:
             try:
                 await self.images.resize(b, n, 0)

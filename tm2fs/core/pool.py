@@ -44,6 +44,9 @@ class Pool:
         self.listeners: list[Listener] = []
         self.backend_hooks: list[Callable[[], None]] = []  # after backends changed
         self.stale: set[int] = set()  # backends whose FREE/USED changed: monitor them soon
+        #: entries other hosts changed since this host last opened them: the kernel may still
+        #: cache their old size (its invalidation runs in the background), so open waits for one
+        self.remote_touched: set[int] = set()
 
     async def start(self) -> None:
         self.db.start()
@@ -112,23 +115,30 @@ class Pool:
             return
         await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
 
-    async def revalidate(self, n: Node) -> None:
+    async def revalidate(self, n: Node) -> bool:
         """Re-read one entry and its image (as NFS revalidates at open): another host's change
-        may not have been heard of yet."""
+        may not have been heard of yet. Whether anything had changed."""
+        before = (self.nodes.get(n.ino), self.images.get(n.image_id or 0))
         ids = [[n.ino], [n.image_id] if n.image_id is not None else [], []]
         await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
+        return before != (self.nodes.get(n.ino), self.images.get(n.image_id or 0))
 
     def _apply(self, delta: Delta, origin: Any) -> None:
         kernel = not (isinstance(origin, Caller) and origin.origin == "fs")
         remote = origin == REMOTE
+        if remote and len(self.remote_touched) > 100_000:
+            self.remote_touched.clear()  # the kernel's 1 s attribute timeout still bounds it
         if delta.complete:
             self._drop_missing(delta, kernel)
         for ino, new in delta.nodes.items():
-            self._apply_node(ino, new, kernel)
+            if self._apply_node(ino, new, kernel) and remote:
+                self.remote_touched.add(ino)
         for image_id, im in delta.images.items():
             if im is None:
                 self.images.pop(image_id, None)
                 continue
+            if remote and self.images.get(image_id) != im and image_id in self.image_ino:
+                self.remote_touched.add(self.image_ino[image_id])
             self.images[image_id] = im
             oi = self.open.get(image_id)
             if remote and oi is not None and not oi.dirty:
@@ -154,10 +164,11 @@ class Pool:
         for bid in [i for i in self.backend_rows if i not in delta.backends]:
             delta.backends[bid] = None
 
-    def _apply_node(self, ino: int, new: Node | None, kernel: bool) -> None:
+    def _apply_node(self, ino: int, new: Node | None, kernel: bool) -> bool:
+        """Bring one entry up to date; whether it changed."""
         old = self.nodes.get(ino)
         if old == new:
-            return
+            return False
         moved = old is not None and (new is None or (old.parent, old.name) != (new.parent, new.name))
         if old is not None and moved and old.parent is not None:
             siblings = self.children.get(old.parent)
@@ -179,12 +190,12 @@ class Pool:
             oi = self.open_ino.get(ino)
             if oi is not None:
                 oi.node = new
-        if not kernel:
-            return
-        for listener in self.listeners:
-            if moved and old is not None:
-                listener(ino, old.parent, old.name)
-            if new is not None and (old is None or moved):
-                listener(None, new.parent, new.name)  # a negative entry the kernel may hold
-            if not moved:
-                listener(ino, None, None)
+        if kernel:
+            for listener in self.listeners:
+                if moved and old is not None:
+                    listener(ino, old.parent, old.name)
+                if new is not None and (old is None or moved):
+                    listener(None, new.parent, new.name)  # a negative entry the kernel may hold
+                if not moved:
+                    listener(ino, None, None)
+        return True

@@ -19,6 +19,25 @@ import sqlalchemy as sa
 from ..model import Attachment, Backend, Image, Node, now_ns
 from .schema import CHANNEL, attachment, backend, host, host_backend, image, lease, node, reservation
 
+NODE_COLS = ("ino, parent, name, backend_id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target, "
+             "image_id")  # Node's field order
+IMAGE_COLS = 'id, backend_id, "key", size, created'  # Image's
+ATTACHMENT_COLS = "id, image_id, host, path, link_ino, created"  # Attachment's
+CHUNK = 500  # ids per IN (...) list
+_PG: dict[str, str] = {}  # SQL with ? -> with %s
+
+
+def _marks(values: tuple[Any, ...]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _column(table: sa.Table, name: str) -> str:
+    """A column name for plain SQL: only the table's own (they come from code, never users)."""
+    if name not in table.c:
+        raise KeyError(f"{table.name} has no column {name}")
+    return f'"{name}"' if name == "key" else name
+
+
 _decoded: dict[tuple, Backend] = {}  # row -> Backend: a pool of 10,000 backends re-reads in ms
 
 
@@ -71,6 +90,7 @@ class Tx:
 
     def __init__(self, conn: sa.Connection) -> None:
         self.c = conn
+        self.pg = conn.dialect.name == "postgresql"
         self.touched_nodes: set[int] = set()
         self.touched_images: set[int] = set()
         self.touched_backends: set[int] = set()
@@ -98,6 +118,13 @@ class Tx:
         self.touched_backends.update(backends)
         return self.delta()
 
+    def _x(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """Plain SQL through the driver, `?` placeholders (turned into psycopg's `%s`). The
+        result's rows have the SQL's shape, which the type checker cannot know: typed Any."""
+        if self.pg:
+            sql = _PG.get(sql) or _PG.setdefault(sql, sql.replace("?", "%s"))
+        return self.c.exec_driver_sql(sql, params)
+
     def _insert(self, insert: sa.Insert) -> int:
         """Run a one-row insert; the new row's id."""
         key = self.c.execute(insert).inserted_primary_key
@@ -112,8 +139,12 @@ class Tx:
                      backends={b.id: b for b in self.backends()}, complete=True)
 
     def images_by_id(self, ids: list[int]) -> dict[int, Image]:
-        return {r.id: Image(**r._mapping)
-                for r in self.c.execute(sa.select(image).where(image.c.id.in_(ids)))}
+        out: dict[int, Image] = {}
+        for i in range(0, len(ids), CHUNK):
+            part = tuple(ids[i:i + CHUNK])
+            rows = self._x(f"SELECT {IMAGE_COLS} FROM image WHERE id IN ({_marks(part)})", part)
+            out.update((r[0], Image(*r)) for r in rows)
+        return out
 
     # backends
     def backends(self) -> list[Backend]:
@@ -143,26 +174,24 @@ class Tx:
     def lock_backend(self, backend_id: int) -> Backend | None:
         """The backend row, locked until commit: reservations on one backend take turns.
         (SQLite's BEGIN IMMEDIATE already serialises every writer.)"""
-        q = sa.select(backend).where(backend.c.id == backend_id)
-        if self.c.dialect.name == "postgresql":
-            q = q.with_for_update()
-        row = self.c.execute(q).first()
+        lock = " FOR UPDATE" if self.pg else ""
+        row = self._x(f"SELECT * FROM storagebackend_pool WHERE id = ?{lock}", (backend_id,)).first()
         return _backend(row) if row else None
 
     def allocated(self, backend_id: int) -> int:
         """Virtual space of a backend: its images' sizes plus pending reservations. One statement,
         so a reservation turning into an image in another transaction is never counted 0 or 2
         times (each statement sees one snapshot, even under READ COMMITTED)."""
-        images = (sa.select(sa.func.coalesce(sa.func.sum(image.c.size), 0))
-                  .where(image.c.backend_id == backend_id).scalar_subquery())
-        pending = (sa.select(sa.func.coalesce(sa.func.sum(reservation.c.size), 0))
-                   .where(reservation.c.backend_id == backend_id).scalar_subquery())
-        return int(self.c.execute(sa.select(images + pending)).scalar_one())
+        return int(self._x(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM image WHERE backend_id = ?)"
+            " + (SELECT COALESCE(SUM(size), 0) FROM reservation WHERE backend_id = ?)",
+            (backend_id, backend_id)).scalar_one())
 
     def insert_reservation(self, backend_id: int, size: int, host: str,
                            key: str | None = None) -> int:
-        return self._insert(reservation.insert().values(
-            backend_id=backend_id, size=size, host=host, key=key, created=time.time()))
+        return int(self._x('INSERT INTO reservation (backend_id, size, host, "key", created) '
+                           "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                           (backend_id, size, host, key, time.time())).scalar_one())
 
     def set_reservation_key(self, reservation_id: int, key: str) -> None:
         self.c.execute(reservation.update().where(reservation.c.id == reservation_id)
@@ -173,8 +202,9 @@ class Tx:
         return {k for (k,) in self.c.execute(sa.select(reservation.c.key).where(
             reservation.c.backend_id == backend_id, reservation.c.key.is_not(None)))}
 
-    def delete_reservation(self, reservation_id: int) -> None:
-        self.c.execute(reservation.delete().where(reservation.c.id == reservation_id))
+    def delete_reservation(self, reservation_id: int | None) -> None:
+        if reservation_id is not None:
+            self._x("DELETE FROM reservation WHERE id = ?", (reservation_id,))
 
     def reservations(self, host: str | None = None) -> list[tuple[int, int, int, str]]:
         """(id, backend id, size, host) of pending reservations."""
@@ -214,10 +244,8 @@ class Tx:
     # leases
     def lease(self, image_id: int) -> tuple[str, float] | None:
         """(host, since) of the image's write lease, locked until commit (PostgreSQL)."""
-        q = sa.select(lease.c.host, lease.c.since).where(lease.c.image_id == image_id)
-        if self.c.dialect.name == "postgresql":
-            q = q.with_for_update()
-        row = self.c.execute(q).first()
+        lock = " FOR UPDATE" if self.pg else ""
+        row = self._x(f"SELECT host, since FROM lease WHERE image_id = ?{lock}", (image_id,)).first()
         return (row[0], row[1]) if row else None
 
     def insert_lease(self, image_id: int, holder: str) -> None:
@@ -272,18 +300,23 @@ class Tx:
                     int(images.get(i, (0, 0))[1]) + int(pending.get(i) or 0)) for i in ids}
 
     def nodes(self, inos: list[int]) -> dict[int, Node]:
-        """Many entries in one query (e.g. every backend's root)."""
-        return {r.ino: _node(r) for r in self.c.execute(sa.select(node).where(node.c.ino.in_(inos)))}
+        """Many entries in one query each chunk (e.g. every backend's root, a delta)."""
+        out: dict[int, Node] = {}
+        for i in range(0, len(inos), CHUNK):
+            part = tuple(inos[i:i + CHUNK])
+            rows = self._x(f"SELECT {NODE_COLS} FROM namespace WHERE ino IN ({_marks(part)})", part)
+            out.update((r[0], Node(*r)) for r in rows)
+        return out
 
     # namespace
     def node(self, ino: int) -> Node | None:
-        row = self.c.execute(sa.select(node).where(node.c.ino == ino)).first()
-        return _node(row) if row else None
+        row = self._x(f"SELECT {NODE_COLS} FROM namespace WHERE ino = ?", (ino,)).first()
+        return Node(*row) if row else None
 
     def child(self, parent: int, name: str) -> Node | None:
-        row = self.c.execute(
-            sa.select(node).where(node.c.parent == parent, node.c.name == name)).first()
-        return _node(row) if row else None
+        row = self._x(f"SELECT {NODE_COLS} FROM namespace WHERE parent = ? AND name = ?",
+                      (parent, name)).first()
+        return Node(*row) if row else None
 
     def children(self, parent: int, after_ino: int = 0, limit: int | None = None) -> list[Node]:
         q = (sa.select(node).where(node.c.parent == parent, node.c.ino > after_ino)
@@ -293,8 +326,7 @@ class Tx:
         return [_node(r) for r in self.c.execute(q)]
 
     def has_children(self, parent: int) -> bool:
-        return self.c.execute(
-            sa.select(node.c.ino).where(node.c.parent == parent).limit(1)).first() is not None
+        return self._x("SELECT 1 FROM namespace WHERE parent = ? LIMIT 1", (parent,)).first() is not None
 
     def count_subdirs(self, parent: int) -> int:
         return self.c.execute(
@@ -307,16 +339,21 @@ class Tx:
         t = now_ns()
         for k in ("atime_ns", "mtime_ns", "ctime_ns"):
             values.setdefault(k, t)
-        ino = self._insert(node.insert().values(**values))
+        cols = tuple(sorted(values))
+        ino = int(self._x(f"INSERT INTO namespace ({', '.join(_column(node, c) for c in cols)}) "
+                          f"VALUES ({_marks(cols)}) RETURNING ino",
+                          tuple(values[c] for c in cols)).scalar_one())
         self.touched_nodes.add(ino)
         return ino
 
     def update_node(self, ino: int, **values: Any) -> None:
-        self.c.execute(node.update().where(node.c.ino == ino).values(**values))
+        cols = tuple(sorted(values))
+        self._x(f"UPDATE namespace SET {', '.join(f'{_column(node, c)} = ?' for c in cols)} "
+                "WHERE ino = ?", (*(values[c] for c in cols), ino))
         self.touched_nodes.add(ino)
 
     def delete_node(self, ino: int) -> None:
-        self.c.execute(node.delete().where(node.c.ino == ino))
+        self._x("DELETE FROM namespace WHERE ino = ?", (ino,))
         self.touched_nodes.add(ino)
 
     def node_by_image(self, image_id: int) -> Node | None:
@@ -336,8 +373,8 @@ class Tx:
 
     # images
     def image(self, image_id: int) -> Image | None:
-        row = self.c.execute(sa.select(image).where(image.c.id == image_id)).first()
-        return Image(**row._mapping) if row else None
+        row = self._x(f"SELECT {IMAGE_COLS} FROM image WHERE id = ?", (image_id,)).first()
+        return Image(*row) if row else None
 
     def images(self, backend_id: int | None = None) -> list[Image]:
         q = sa.select(image).order_by(image.c.id)
@@ -346,19 +383,20 @@ class Tx:
         return [Image(**r._mapping) for r in self.c.execute(q)]
 
     def insert_image(self, backend_id: int, key: str, size: int) -> int:
-        image_id = self._insert(image.insert().values(
-            backend_id=backend_id, key=key, size=size, created=time.time()))
+        image_id = int(self._x('INSERT INTO image (backend_id, "key", size, created) '
+                               "VALUES (?, ?, ?, ?) RETURNING id",
+                               (backend_id, key, size, time.time())).scalar_one())
         self.touched_images.add(image_id)
         return image_id
 
     def set_image_size(self, image_id: int, size: int) -> None:
-        self.c.execute(image.update().where(image.c.id == image_id).values(size=size))
+        self._x("UPDATE image SET size = ? WHERE id = ?", (size, image_id))
         self.touched_images.add(image_id)
 
     def delete_image(self, image_id: int) -> None:
-        self.c.execute(lease.delete().where(lease.c.image_id == image_id))
-        self.c.execute(attachment.delete().where(attachment.c.image_id == image_id))
-        self.c.execute(image.delete().where(image.c.id == image_id))
+        self._x("DELETE FROM lease WHERE image_id = ?", (image_id,))
+        self._x("DELETE FROM attachment WHERE image_id = ?", (image_id,))
+        self._x("DELETE FROM image WHERE id = ?", (image_id,))
         self.touched_images.add(image_id)
 
     def orphan_images(self) -> list[Image]:
@@ -369,6 +407,10 @@ class Tx:
     # attachments
     def attachments(self, image_id: int | None = None, backend_id: int | None = None,
                     host: str | None = None) -> list[Attachment]:
+        if image_id is not None and backend_id is None and host is None:  # every unlink asks
+            return [Attachment(*r) for r in self._x(
+                f"SELECT {ATTACHMENT_COLS} FROM attachment WHERE image_id = ? ORDER BY id",
+                (image_id,))]
         q = sa.select(attachment).order_by(attachment.c.id)
         if image_id is not None:
             q = q.where(attachment.c.image_id == image_id)
@@ -385,9 +427,9 @@ class Tx:
         return Attachment(**row._mapping) if row else None
 
     def attachment_by_link(self, link_ino: int) -> Attachment | None:
-        row = self.c.execute(
-            sa.select(attachment).where(attachment.c.link_ino == link_ino)).first()
-        return Attachment(**row._mapping) if row else None
+        row = self._x(f"SELECT {ATTACHMENT_COLS} FROM attachment WHERE link_ino = ?",
+                      (link_ino,)).first()
+        return Attachment(*row) if row else None
 
     def insert_attachment(self, image_id: int, host: str, path: str,
                           link_ino: int | None = None) -> int:
