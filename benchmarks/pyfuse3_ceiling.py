@@ -2,7 +2,8 @@
 
 Mounts a minimal pyfuse3 filesystem (one file; reads return zeros, writes are dropped: no storage,
 no rules) and a tm2fs daemon, and runs the same O_DIRECT 4 KiB fio jobs (QD32) on both, so each
-request is one round trip to the daemon. Prints requests/s and tm2fs's share of the ceiling.
+request is one round trip to the daemon. Prints requests/s and tm2fs's share of the ceiling. The
+loop and its subprocess are benchmarks/bare_fs.py's.
 
     .venv/bin/python benchmarks/pyfuse3_ceiling.py
 """
@@ -11,22 +12,21 @@ from __future__ import annotations
 
 import errno
 import json
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bare_fs  # beside this file (the script's directory is on sys.path)
 
 SIZE = 256 * 2**20
 
 
 def serve(mnt: str) -> None:
     import pyfuse3
-    import trio
 
     zero = bytes(128 * 1024)
 
@@ -57,20 +57,7 @@ def serve(mnt: str) -> None:
         async def write(self, fh, off, buf):
             return len(buf)
 
-    async def main() -> None:
-        pyfuse3.init(Ops(), mnt, set(pyfuse3.default_options))
-        async with trio.open_nursery() as nursery:
-            async def stop() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        pyfuse3.terminate()
-
-            nursery.start_soon(stop)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-        pyfuse3.close(unmount=True)
-
-    trio.run(main)
+    bare_fs.serve(Ops(), mnt, set(pyfuse3.default_options))
 
 
 def iops(path: Path, rw: str, runtime: int = 5) -> float:
@@ -83,19 +70,13 @@ def iops(path: Path, rw: str, runtime: int = 5) -> float:
 
 
 def main() -> None:
-    from tests.daemon import Daemon, is_mounted
+    from tests.daemon import Daemon
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         raw = Path(tmp) / "raw"
         raw.mkdir()
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(raw)])
-        try:
-            while not is_mounted(raw):
-                time.sleep(0.05)
+        with bare_fs.mounted(raw, (__file__, "--serve", str(raw))):
             ceiling = {rw: iops(raw / "f", rw) for rw in ("randread", "randwrite")}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
         (Path(tmp) / "tm2fs").mkdir()
         with Daemon(Path(tmp) / "tm2fs") as d:
             img = d.mnt / "local" / "bench.img"
