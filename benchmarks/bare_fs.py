@@ -8,8 +8,8 @@ so the kernel sends it the same requests: a create from a shell is lookup, creat
 release; `ls -l` is readdirplus (pyfuse3's only readdir) and what the kernel still asks after it.
 Whatever tm2fs takes beyond this is tm2fs's own cost.
 
-`serve` and `mounted` run any pyfuse3 filesystem in a subprocess until SIGTERM
-(benchmarks/pyfuse3_ceiling.py uses them for its data-path filesystem).
+`serve` and `mounted` run any pyfuse3 filesystem in a subprocess until SIGTERM (the data-path
+ceiling, benchmarks/pyfuse3_ceiling.py, could run its own with them).
 
     .venv/bin/python benchmarks/bare_fs.py MOUNTPOINT     # serves until SIGTERM
 """

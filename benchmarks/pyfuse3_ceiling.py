@@ -2,8 +2,7 @@
 
 Mounts a minimal pyfuse3 filesystem (one file; reads return zeros, writes are dropped: no storage,
 no rules) and a tm2fs daemon, and runs the same O_DIRECT 4 KiB fio jobs (QD32) on both, so each
-request is one round trip to the daemon. Prints requests/s and tm2fs's share of the ceiling. The
-loop and its subprocess are benchmarks/bare_fs.py's.
+request is one round trip to the daemon. Prints requests/s and tm2fs's share of the ceiling.
 
     .venv/bin/python benchmarks/pyfuse3_ceiling.py
 """
@@ -12,21 +11,22 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import bare_fs  # beside this file (the script's directory is on sys.path)
 
 SIZE = 256 * 2**20
 
 
 def serve(mnt: str) -> None:
     import pyfuse3
+    import trio
 
     zero = bytes(128 * 1024)
 
@@ -57,7 +57,20 @@ def serve(mnt: str) -> None:
         async def write(self, fh, off, buf):
             return len(buf)
 
-    bare_fs.serve(Ops(), mnt, set(pyfuse3.default_options))
+    async def main() -> None:
+        pyfuse3.init(Ops(), mnt, set(pyfuse3.default_options))
+        async with trio.open_nursery() as nursery:
+            async def stop() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        pyfuse3.terminate()
+
+            nursery.start_soon(stop)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        pyfuse3.close(unmount=True)
+
+    trio.run(main)
 
 
 def iops(path: Path, rw: str, runtime: int = 5) -> float:
@@ -70,13 +83,19 @@ def iops(path: Path, rw: str, runtime: int = 5) -> float:
 
 
 def main() -> None:
-    from tests.daemon import Daemon
+    from tests.daemon import Daemon, is_mounted
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         raw = Path(tmp) / "raw"
         raw.mkdir()
-        with bare_fs.mounted(raw, (__file__, "--serve", str(raw))):
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(raw)])
+        try:
+            while not is_mounted(raw):
+                time.sleep(0.05)
             ceiling = {rw: iops(raw / "f", rw) for rw in ("randread", "randwrite")}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
         (Path(tmp) / "tm2fs").mkdir()
         with Daemon(Path(tmp) / "tm2fs") as d:
             img = d.mnt / "local" / "bench.img"
