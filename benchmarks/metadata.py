@@ -1,9 +1,13 @@
-"""Metadata work through the mount against the same work in a native directory, in the same run.
+"""Metadata work through the mount against a native directory and a bare pyfuse3 loop, same run.
 
 A real daemon (as the tests start it, but with the default monitor interval) mounts a temporary
 pool; its `local` dir backend lives on the same filesystem as the native directory it is compared
-with. Each phase runs on the native directory, then on a directory inside the backend on the
-mount, with the same commands:
+with. The ceiling is benchmarks/bare_fs.py: a bare in-memory pyfuse3 + trio filesystem mounted
+with tm2fs's options and cache timeouts, so the kernel sends it the same requests (a create from
+a shell is 3-4 round trips: lookup, create, flush, release) and it answers them from dicts, with
+no storage behind it. tm2fs also creates each file on its backend, so its floor is about the bare
+figure plus the native one. Each phase runs on the native directory, then on the bare mount, then
+on a directory inside the backend on the tm2fs mount, with the same commands:
 
 - create: N empty files from ONE shell: `for i in $(seq N); do : > f$i; done`
 - ls -l:  `ls -l` of the directory, output to /dev/null
@@ -14,11 +18,11 @@ mount, with the same commands:
 - rename: `mv f$i g$i` for 1 file in 100, from one shell (so 1 exec of mv per rename in both)
 - rm -rf: `rm -rf` of the directory
 
-Caches: by default no cache is dropped, and the benchmark waits out the mount's kernel entry and
-attribute timeout before every mount phase, so the mount's stat phase asks the daemon (a lookup
-per file) instead of reading the kernel's cache; natively the dentry and inode caches stay warm.
+Caches: by default no cache is dropped, and the benchmark waits out the mounts' kernel entry and
+attribute timeout before every FUSE phase, so their stat phase asks the daemon (a lookup per
+file) instead of reading the kernel's cache; natively the dentry and inode caches stay warm.
 That is what users get. `--drop-caches` writes 3 to /proc/sys/vm/drop_caches before every phase
-on both sides instead (it slows the other users of the machine).
+on all sides instead (it slows the other users of the machine).
 
     .venv/bin/python benchmarks/metadata.py [--count 10000] [--db postgresql] [--drop-caches]
 """
@@ -38,12 +42,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bare_fs  # beside this file (the script's directory is on sys.path)
+
 from tests.daemon import Daemon
 from tm2fs.drivers.dir import filesystem_type
 
 CREATE = 'for i in $(seq "$1"); do : > "f$i"; done'
 RENAME = 'for i in $(seq 1 100 "$1"); do mv "f$i" "g$i"; done'
 PHASES = ("create", "ls -l", "stat", "os.stat", "rename", "rm -rf")
+SIDES = ("native", "bare", "tm2fs")
 
 
 def kernel_cache_timeout() -> float:
@@ -127,33 +134,39 @@ def main() -> None:
         native.mkdir(parents=True)
         mounted = d.mnt / "local" / "bench"
         mounted.mkdir()
+        (tmp / "bare").mkdir()
+        bare = stack.enter_context(bare_fs.mounted(tmp / "bare"))
+        (tmp / "bare" / "bench").mkdir()
+        dirs = {"native": native, "bare": tmp / "bare" / "bench", "tm2fs": mounted}
+        pids = {"bare": bare.pid, "tm2fs": d.proc.pid}
         assert os.stat(native).st_dev == os.stat(backend).st_dev, "not the same filesystem"
         fstype = filesystem_type(backend)
         print(f"{n:,} empty files; pool store {args.db}; native dir and backend on {fstype} "
-              f"({tmp}); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+              f"({tmp}); bare pyfuse3 in memory; load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} CPUs")
         if args.drop_caches:
             print("caches: dropped (echo 3 > /proc/sys/vm/drop_caches) before every phase")
         else:
-            print(f"caches: not dropped; before each mount phase a {wait:.1f} s wait lets the "
+            print(f"caches: not dropped; before each FUSE phase a {wait:.1f} s wait lets the "
                   f"mount's kernel entry/attr cache ({wait - 0.5:g} s) expire, so its stat phase "
                   "is one lookup per file to the daemon: what users get")
-        times: dict[str, dict[str, float]] = {"native": {}, "mount": {}}
-        cpu: dict[str, float] = {}
+        times: dict[str, dict[str, float]] = {side: {} for side in SIDES}
+        cpu: dict[str, dict[str, float]] = {side: {} for side in pids}
         failures: list[str] = []
         failed: set[str] = set()  # phases whose figures are not to be trusted
         for name in PHASES:
-            for side, directory in (("native", native), ("mount", mounted)):
+            for side in SIDES:
                 if args.drop_caches:
                     drop_caches()
-                elif side == "mount":
+                elif side in pids:
                     time.sleep(wait)
-                work = phase(name, directory, n)
-                c0 = cpu_seconds(d.proc.pid)
+                work = phase(name, dirs[side], n)
+                c0 = cpu_seconds(pids[side]) if side in pids else 0.0
                 t0 = time.perf_counter()
                 error = work()
                 times[side][name] = time.perf_counter() - t0
-                if side == "mount":
-                    cpu[name] = cpu_seconds(d.proc.pid) - c0
+                if side in pids:
+                    cpu[side][name] = cpu_seconds(pids[side]) - c0
                 if error:
                     failed.add(name)
                     failures.append(f"{name} ({side}) FAILED: {error}")
@@ -163,27 +176,40 @@ def main() -> None:
             print(f"daemon log, last 30 of {len(log)} lines:", *log[-30:], sep="\n")
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp / "native")
+    report(n, times, cpu, failures, failed)
+
+
+def report(n: int, times: dict[str, dict[str, float]], cpu: dict[str, dict[str, float]],
+           failures: list[str], failed: set[str]) -> None:
+    """The table, then the two summary lines (tm2fs of native; the ceiling) last."""
     print()
-    print("| phase   | native s | mount s | mount/native | native µs/file | mount µs/file "
-          "| mount - native µs/file | daemon CPU s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    ratios = {}
-    for name in PHASES:
-        per = n // 100 if name == "rename" else n  # rename: µs per renamed file
-        a, b = times["native"][name], times["mount"][name]
-        ratios[name] = b / a
-        label = f"{name} (FAILED)" if name in failed else name
-        print(f"| {label:<7} | {a:8.3f} | {b:7.3f} | {b / a:11.1f}x | {a / per * 1e6:14.1f} "
-              f"| {b / per * 1e6:13.1f} | {(b - a) / per * 1e6:22.1f} | {cpu[name]:12.2f} |")
+    print("| phase   | native s | bare s | tm2fs s | tm2fs/native | bare/native | tm2fs/bare "
+          "| native µs/file | bare µs/file | tm2fs µs/file | bare CPU s | tm2fs CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    native, bare, tm2fs = ({k: times[side][k] for k in PHASES} for side in SIDES)
+    for k in PHASES:
+        per = n // 100 if k == "rename" else n  # rename: µs per renamed file
+        a, b, c = native[k], bare[k], tm2fs[k]
+        label = f"{k} (FAILED)" if k in failed else k
+        print(f"| {label:<7} | {a:8.3f} | {b:6.3f} | {c:7.3f} | {c / a:11.1f}x | {b / a:10.1f}x "
+              f"| {c / b:9.1f}x | {a / per * 1e6:14.1f} | {b / per * 1e6:12.1f} "
+              f"| {c / per * 1e6:13.1f} | {cpu['bare'][k]:10.2f} | {cpu['tm2fs'][k]:11.2f} |")
     print(f"(load average at the end {os.getloadavg()[0]:.1f}: wall times grow with the machine's "
-          "load, the daemon's CPU time much less)")
-    print("(rename: µs per renamed file, 1 in 100, one exec of mv each on both sides; daemon CPU: "
-          "the daemon's user+system time during the mount phase)")
+          "load, the daemons' CPU time much less)")
+    print("(rename: µs per renamed file, 1 in 100, one exec of mv each on every side; CPU: the "
+          "serving process's user+system time during its phase)")
     print()
     for failure in failures:
         print(failure)
-    print("metadata: " + ", ".join(f"{k} {ratios[k]:.1f}x" + (" (FAILED)" if k in failed else "")
-                                   for k in PHASES if k != "os.stat"))
+    shown = [k for k in PHASES if k != "os.stat"]
+
+    def ratios(top: dict[str, float], bottom: dict[str, float]) -> str:
+        return ", ".join(f"{k} {top[k] / bottom[k]:.1f}x" + (" (FAILED)" if k in failed else "")
+                         for k in shown)
+
+    print("metadata: " + ratios(tm2fs, native))
+    print(f"metadata ceiling: bare pyfuse3 {ratios(bare, native)} (of native); "
+          f"tm2fs {ratios(tm2fs, bare)} of bare")
 
 
 if __name__ == "__main__":
