@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +142,23 @@ class DirDriver(Driver):
             finally:
                 os.close(fd)
 
-        await trio.to_thread.run_sync(_allocate, abandon_on_cancel=True, limiter=self.limiter)
+        await self._run(_allocate)
 
     async def delete(self, key: str) -> None:
         def _delete() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(key))  # not synced: a key that comes back is swept
 
-        await trio.to_thread.run_sync(_delete, abandon_on_cancel=True, limiter=self.limiter)
+        await self._run(_delete)
+
+    async def _run(self, call: Callable[[], None]) -> None:
+        """Short calls on a local filesystem run inline (a thread hop costs more than creating
+        or removing an empty file); on a remote one, in an abandonable worker thread, as the
+        data path does."""
+        if self.remote:
+            await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
+        else:
+            call()
 
     async def size(self, key: str) -> int:
         st = await trio.to_thread.run_sync(os.stat, self._path(key), abandon_on_cancel=True,
