@@ -259,7 +259,6 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         untmpfs(path)
 
 
-@pytest.mark.logs_ok
 def test_a_full_destination_answers_no_space_on_a_cross_backend_clone(
         small_fs: Path, daemon: Daemon, tmp_path: Path) -> None:
     """Copying across backends wrote chunks in a nursery, so the destination's ENOSPC reached the
@@ -385,7 +384,6 @@ def test_clone_onto_an_existing_name_copies_nothing(daemon: Daemon, tmp_path: Pa
 # ---------------------------------------------------------------------- 7. one socket, one daemon
 
 
-@pytest.mark.logs_ok
 def test_a_second_daemon_does_not_take_a_live_daemon_s_socket(daemon: Daemon,
                                                                tmp_path: Path) -> None:
     """A starting daemon unlinked whatever was at its --socket path and bound its own: started
@@ -401,12 +399,16 @@ def test_a_second_daemon_does_not_take_a_live_daemon_s_socket(daemon: Daemon,
             started = True
         except RuntimeError:
             pass
-        health = Client(str(daemon.sock)).call("GET", "/v1/health")
+        client = Client(str(daemon.sock))
+        try:
+            health = client.call("GET", "/v1/health")
+        finally:
+            client.close()
     finally:
         second.stop()
     assert not started, "a second daemon started on the first one's socket"
     assert second.proc is not None and second.proc.returncode not in (0, None)
-    assert str(daemon.sock) in second.logs(), second.logs()
+    assert "socket" in second.logs(), second.logs()  # says why it refused
     assert health["mountpoint"] == str(daemon.mnt)
     assert daemon.sock.exists()
     ok(daemon.backend_cli("list"))
