@@ -171,13 +171,23 @@ class StoreWorker:
             conn = self._conn = self.store.engine.connect()
         return conn
 
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+            self._conn = None
+
     def _transaction(self, job: Job[Any]) -> tuple[Any, Delta | None]:
         self.transactions += 1
         conn = self._connection()
         conn.execution_options(tm2fs_read=not job.write)  # SQLite: BEGIN, or BEGIN IMMEDIATE
         if not job.write:
-            with conn.begin():
-                result = job.work(Tx(conn))
+            try:
+                with conn.begin():
+                    result = job.work(Tx(conn))
+            except sa.exc.DBAPIError:
+                self._drop_connection()
+                raise
             return result, result if job.refresh else None
         try:
             with conn.begin():
@@ -192,6 +202,9 @@ class StoreWorker:
         except sa.exc.IntegrityError as e:  # two hosts made the same name at once
             raise err.Exists("it exists (made concurrently elsewhere)",
                              "look again: another host made it meanwhile") from e
+        except sa.exc.DBAPIError:
+            self._drop_connection()  # perhaps broken (PostgreSQL restarted): the next job reconnects
+            raise
         self._unsynced = True
         return result, delta
 
