@@ -12,14 +12,15 @@ import contextlib
 import errno
 import json
 import os
-import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ..base import Capacity, Driver, Handle, Progress
+from ..threads import in_thread, open_in_thread
 from .ceph import CLONE_SNAP, KEY_RE, T, call, check_key, features, os_error, rados, rbd
 from .handle import RbdHandle
 from .settings import Settings, check, connect
@@ -47,33 +48,14 @@ class RbdDriver(Driver):
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking call in a worker thread that a timeout can abandon, on this driver's limiter."""
-        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=self.limiter)
+        return await in_thread(self.limiter, fn, *args)
 
     async def start(self) -> None:
         """Connect and check the pool (and namespace); a failure is an OSError saying which."""
         if self.ioctx is not None:
             return  # librados reconnects by itself; a backend back from ERROR keeps its connection
-        lock = threading.Lock()
-        state: dict[str, Any] = {"abandoned": False, "result": None}
-
-        def work() -> tuple[Any, Any]:
-            cluster, ioctx = connect(self.s)
-            with lock:
-                if state["abandoned"]:  # the caller gave up meanwhile: do not leak a connection
-                    threading.Thread(target=cluster.shutdown, daemon=True).start()
-                else:
-                    state["result"] = (cluster, ioctx)
-            return cluster, ioctx
-
-        try:
-            self.cluster, self.ioctx = await self._run(work)
-        except trio.Cancelled:
-            with lock:
-                state["abandoned"] = True
-                late = state["result"]
-            if late is not None:
-                threading.Thread(target=late[0].shutdown, daemon=True).start()
-            raise
+        self.cluster, self.ioctx = await open_in_thread(self.limiter, partial(connect, self.s),
+                                                        lambda pair: pair[0].shutdown())
 
     async def stop(self) -> None:
         cluster, ioctx = self.cluster, self.ioctx
@@ -160,32 +142,16 @@ class RbdDriver(Driver):
 
     async def open(self, key: str, writable: bool) -> Handle:
         check_key(key)
-        lock = threading.Lock()
-        state: dict[str, Any] = {"abandoned": False, "image": None}
 
         def _open() -> tuple[Any, int]:
             image = call(f"open {key}", rbd.Image, self._io(), key, read_only=not writable)
             try:
-                size = call(f"size of {key}", image.size)
+                return image, call(f"size of {key}", image.size)
             except BaseException:
                 image.close()
                 raise
-            with lock:
-                if state["abandoned"]:
-                    image.close()
-                else:
-                    state["image"] = image
-            return image, size
 
-        try:
-            image, size = await self._run(_open)
-        except trio.Cancelled:
-            with lock:
-                state["abandoned"] = True
-                late = state["image"]
-            if late is not None:
-                threading.Thread(target=late.close, daemon=True).start()
-            raise
+        image, size = await open_in_thread(self.limiter, _open, lambda opened: opened[0].close())
         return RbdHandle(image, key, size, self.limiter)
 
     # ------------------------------------------------------------------ clone

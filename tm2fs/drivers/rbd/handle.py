@@ -17,6 +17,7 @@ import outcome
 import trio
 
 from ..base import Handle
+from ..threads import in_thread
 from .ceph import T, call
 
 
@@ -123,4 +124,4 @@ class RbdHandle(Handle):
         await self._thread(self.close)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=self.limiter)
+        return await in_thread(self.limiter, fn, *args)
