@@ -7,7 +7,8 @@ import re
 from .errors import FileTooBig, InvalidArgument
 
 MAX_SIZE = 2**63 - 1  # off_t; anything larger no backend can hold
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50, "E": 2**60}
+#: binary units of sizes as written; the requirements and rank expressions read sizes with them too
+UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50, "E": 2**60}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(I?B)?\s*$", re.IGNORECASE)
 
 
@@ -22,7 +23,7 @@ def parse_size(text: str | int) -> int:
                 f"size {text!r} is not understood", "write a number of bytes or e.g. 512M, 10G, 1T"
             )
         number, unit = match.group(1), match.group(2).upper()
-        value = int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
+        value = int(float(number) * UNITS[unit]) if "." in number else int(number) * UNITS[unit]
     if value < 0:
         raise InvalidArgument(f"size {text!r} is negative")
     if value > MAX_SIZE:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import trio
 
 from ..errors import InvalidArgument, Unsupported
+from .threads import in_thread
 
 Progress = Callable[[int], None]  # called with bytes done so far
 
@@ -131,7 +132,7 @@ class ThreadedHandle:
         self.limiter = limiter  # the backend's own: its hung threads cannot starve the others
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=self.limiter)
+        return await in_thread(self.limiter, fn, *args)
 
     async def apread(self, offset: int, size: int) -> bytes:
         return await self._thread(self.inner.pread, offset, size)

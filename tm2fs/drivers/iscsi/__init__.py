@@ -9,8 +9,8 @@ How, one module each:
 
 - `settings`: TM_RAW checked into `Settings`; every field is safe as one argument of a command.
 - `runner`: argument lists run on the target host (`trio.run_process`, locally or through
-  `ssh -o BatchMode=yes HOST -- ...` with every remote word shell-quoted), and blocking calls in
-  abandonable worker threads under the backend's limiter.
+  `ssh -o BatchMode=yes HOST -- ...` with every remote word shell-quoted). Blocking calls run in
+  abandonable worker threads under the backend's limiter (`tm2fs.drivers.threads`).
 - `files`: the LUN backing files in STORE (`LocalFiles`: Python calls in worker threads;
   `RemoteFiles`: coreutils over ssh). A LUN holds whole 512-byte blocks, so a backing file is the
   image size rounded up to a block (the rounding reads as zeros) and a size record keeps the exact

@@ -8,7 +8,7 @@ import errno
 import logging
 import os
 import socket
-import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,12 @@ import trio
 
 from ...errors import InvalidArgument
 from ..base import Capacity, Driver, Handle, Progress
+from ..threads import in_thread, open_in_thread
 from .files import Files, LocalFiles, RemoteFiles, removed_on_failure
 from .handle import BlockHandle, IscsiHandle
 from .libiscsi import Session, SessionCount
 from .lio import LioTargets
-from .runner import Runner, in_thread
+from .runner import Runner
 from .settings import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Settings, check_key, initiator_name, round_up
 from .targets import Targets
 from .tgt import TgtTargets
@@ -169,27 +170,7 @@ class IscsiDriver(Driver):
     async def _login(self, key: str) -> Session:
         """A session made in a worker thread; if the caller gave up meanwhile, it is closed."""
         check_key(key)
-        state: dict[str, bool | Session | None] = {"abandoned": False, "session": None}
-        lock = threading.Lock()
-
-        def work() -> Session:
-            session = self._connect(key)
-            with lock:
-                if state["abandoned"]:
-                    session.close()
-                    raise OSError(errno.ETIMEDOUT, "iscsi driver: login abandoned")
-                state["session"] = session
-            return session
-
-        try:
-            return await in_thread(self.limiter, work)
-        except trio.Cancelled:
-            with lock:
-                state["abandoned"] = True
-                late = state["session"]
-            if isinstance(late, Session):
-                threading.Thread(target=late.close, daemon=True).start()
-            raise
+        return await open_in_thread(self.limiter, partial(self._connect, key), Session.close)
 
     async def open(self, key: str, writable: bool) -> Handle:
         size = await self.files.size(self.s.path(key))

@@ -16,7 +16,8 @@ from typing import Protocol
 import trio
 
 from ..base import Capacity, fsync_dir
-from .runner import CommandError, Runner, in_thread
+from ..threads import in_thread
+from .runner import CommandError, Runner
 from .settings import BLOCK, KEY_RE, round_up
 
 SIZE_SUFFIX = ".size"  # STORE/KEY.size: a sparse file whose length is the image's exact byte size

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..base import BlockingHandle, ThreadedHandle
+from ..threads import in_thread
 from .libiscsi import Session
-from .runner import in_thread
 from .settings import BLOCK, round_up
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from .runner import in_thread
+from ..threads import in_thread
 from .settings import LUN, Settings, round_up
 
 

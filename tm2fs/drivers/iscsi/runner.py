@@ -1,26 +1,16 @@
-"""How the driver's work runs: commands on the target host, and blocking calls in worker threads.
+"""Commands on the target host, each bounded by the backend's TIMEOUT.
 
 Commands are argument lists, never shell strings: run here by `trio.run_process`, or through
 `ssh -o BatchMode=yes HOST -- ...` with every remote word shell-quoted (ssh hands the remote shell
-one joined string). Blocking calls run in worker threads that a timeout can abandon, under the
-backend's own limiter, so a hung target cannot stall the trio loop or starve other backends.
+one joined string). (Blocking calls go to abandonable worker threads: `tm2fs.drivers.threads`.)
 """
 
 from __future__ import annotations
 
 import errno
 import shlex
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import trio
-
-T = TypeVar("T")
-
-
-async def in_thread(limiter: trio.CapacityLimiter, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread; a cancelled caller abandons it (the thread runs on)."""
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=limiter)
 
 
 class CommandError(OSError):
