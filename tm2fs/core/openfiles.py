@@ -82,29 +82,32 @@ class OpenFiles:
             raise err.IsADirectory(f"{n.name} is a directory")
         if n.image_id is None:
             raise err.InvalidArgument(f"{n.name} is not an image")
-        changed = False
-        if self.pool.store.shared and n.image_id not in self.pool.open:
-            changed = await self.pool.revalidate(n)  # another host may have written it since
-            n = self.ns.get(ino)
-            if ino in self.pool.remote_touched:
-                self.pool.remote_touched.discard(ino)
-                changed = True
-            if n.image_id is None:
-                raise err.NotFound(f"{n.name} is gone")
         check(caller, n, READ | WRITE if writable else READ)
         assert n.backend_id is not None
-        assert n.image_id is not None  # checked above; mypy forgets it where n is re-read
+        image_id = n.image_id
         b = self.backends.get(n.backend_id)
         self.backends.usable(b, write=writable or truncate)
         if writable:
-            await self.leases.open_for_writing(n.image_id, n.name)
+            await self.leases.open_for_writing(image_id, n.name)
         try:
+            # another host may have written it: re-read its rows, after taking the lease (the
+            # last writer committed its size before giving the lease up)
+            changed = False
+            if self.pool.store.shared and image_id not in self.pool.open:
+                changed = await self.pool.revalidate(n)
+                if ino in self.pool.remote_touched:
+                    self.pool.remote_touched.discard(ino)
+                    changed = True
+                fresh = self.pool.nodes.get(ino)
+                if fresh is None or fresh.image_id != image_id:
+                    raise err.NotFound(f"{n.name} is gone")
+                n = fresh
             oi = await self._image(n, writable)
             oi.refs += 1
         except BaseException:
             if writable:
                 with trio.CancelScope(shield=True):
-                    await self.leases.closed_for_writing(n.image_id)
+                    await self.leases.closed_for_writing(image_id)
             raise
         of = OpenFile(oi, writable, append, caller.origin, stale_kernel=changed)
         if truncate and oi.size:
