@@ -5,6 +5,7 @@ failing and full backends, shown with injected faults instead of stopped servers
 from __future__ import annotations
 
 import errno
+import itertools
 import time
 import uuid
 from pathlib import Path
@@ -184,3 +185,92 @@ async def test_a_full_backend_answers_enospc_and_stays_ready(service: Service) -
     assert (await service.backend_info("m"))["STATE"] == "READY"
     await service.write(of, MIB, b"y" * MIB)
     await service.release(of)
+
+
+# ---------------------------------------------------------------------- the core's own rules
+
+
+async def test_replaced_and_deleted_drivers_are_stopped(service: Service,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TM_RAW change makes a new driver and a deleted backend drops its own: the old ones must
+    be stopped (connections, sessions, threads), not left running."""
+    stopped: list[MemoryDriver] = []
+    real_stop = MemoryDriver.stop
+
+    async def stop(self: MemoryDriver) -> None:
+        stopped.append(self)
+        await real_stop(self)
+
+    monkeypatch.setattr(MemoryDriver, "stop", stop)
+    await memory_backend(service)
+    bid = service.find_backend("m").id
+    first = service.backends.runtimes[bid].driver
+    await service.update_backend(ROOT, "m", {"TM_RAW": "CAPACITY=32M"})
+    second = service.backends.runtimes[bid].driver
+    assert second is not first
+    await service.monitor_all()  # the next monitor pass stops what was replaced
+    assert stopped == [first]
+    await service.delete_backend(ROOT, "m")
+    assert stopped == [first, second]
+
+
+async def test_a_long_clone_inside_its_backend_keeps_the_backend_ready(service: Service) -> None:
+    """Whole-image work gets time for its size: a clone slower than TIMEOUT (0.5 s here) is not
+    a hung backend."""
+    name = await memory_backend(service)
+    await service.allocate("m:src", "16M", ROOT)
+    inject(name, "slow", calls=["clone"], seconds=1.0)
+    await service.clone("m:src", "m:copy", ROOT)
+    heal(name)
+    assert (await service.backend_info("m"))["STATE"] == "READY"
+    assert service.get_size("m:copy", ROOT) == 16 * MIB
+
+
+@pytest.mark.logs_ok
+async def test_a_failed_commit_changes_neither_memory_nor_data(service: Service,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory changes only after the transaction that justifies it commits: an unlink whose
+    commit fails leaves the name, the image and its bytes as they were."""
+    from tm2fs.store import Tx
+
+    name = await memory_backend(service)
+    of = await service.open_address("m:keep", ROOT, writable=True, create=True)
+    await service.write(of, 0, b"precious")
+    await service.fsync(of)
+
+    def broken(self: Tx, ino: int) -> None:
+        raise RuntimeError("the pool store went away mid-transaction")
+
+    monkeypatch.setattr(Tx, "delete_node", broken)
+    with pytest.raises(RuntimeError):
+        await service.delete("m:keep", ROOT)  # while open: its data would go at the last close
+    monkeypatch.undo()
+    await service.release(of)
+    assert service.get_size("m:keep", ROOT) == len(b"precious")
+    of = await service.open_address("m:keep", ROOT, writable=False)
+    assert await service.read(of, 0, 8) == b"precious"
+    await service.release(of)
+    assert name
+
+
+@pytest.mark.logs_ok
+async def test_a_failing_background_step_never_ends_its_loop(autojump_clock: object,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """One failure policy for every background loop: a failing step (the pool store away) is
+    logged once and tried again with a growing pause; the loop goes on and recovers."""
+    from tm2fs.background import every
+
+    calls: list[float] = []
+
+    async def step() -> None:
+        calls.append(trio.current_time())
+        if len(calls) <= 3:
+            raise err.StoreUnavailable("the pool store did not answer")
+
+    with trio.move_on_after(60):
+        await every("test loop", 1.0, step)
+    assert len(calls) > 10  # it went on after the failures
+    pauses = [b - a for a, b in itertools.pairwise(calls)]
+    assert pauses[:3] == [2.0, 4.0, 8.0] and pauses[3] == 1.0  # backoff, then back to normal
+    errors = [r for r in caplog.records if r.name == "tm2fs.background" and r.levelname == "ERROR"]
+    assert len(errors) == 1  # the same error is logged once
