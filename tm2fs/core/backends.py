@@ -52,6 +52,7 @@ class Backends:
         self.runtimes: dict[int, Runtime] = {}
         self.by_id: dict[int, Backend] = {}  # as this host sees them
         self.local_error: dict[int, str] = {}  # backends this host cannot reach, and why
+        self.local_readonly: dict[int, str] = {}  # backends this host reaches read-only, and why
         self._seen: dict[int, tuple[Backend, Backend]] = {}
         self.retired: list[Driver] = []  # replaced or deleted drivers, stopped by the next monitor
         pool.backend_hooks.append(self.refresh)
@@ -71,6 +72,8 @@ class Backends:
             state, error = "REMOTE", f"local to host {owner}"
         elif b.id in self.local_error and b.state != "DISABLED":
             state, error = "ERROR", self.local_error[b.id]
+        elif b.id in self.local_readonly and b.state == "READY":
+            state, error = "DISABLED", self.local_readonly[b.id]  # DISABLED's rules: read-only
         else:
             return b
         seen = self._seen.get(b.id)
@@ -158,6 +161,9 @@ class Backends:
             raise await self.os_error(b, what, e) from None
 
     async def os_error(self, b: Backend, what: str, e: OSError) -> err.Tm2Error:
+        if e.errno == errno.EROFS:
+            self.pool.stale.add(b.id)  # the monitor confirms and makes it read-only here
+            return err.ReadOnly(f"backend {b.name}: {what}: its storage is read-only")
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return err.NoSpace(f"backend {b.name} is full", "free space or grow the backend")
         if e.errno == errno.EFBIG:
@@ -213,6 +219,9 @@ class Backends:
                         rt.started = True
                     cap = await rt.driver.monitor()
             except (OSError, trio.TooSlowError, err.Tm2Error) as e:
+                if isinstance(e, OSError) and e.errno == errno.EROFS:
+                    await self._read_only(b, e.strerror or "read-only")
+                    return
                 reason = (f"monitor timed out after {b.timeout:g}s"
                           if isinstance(e, trio.TooSlowError) else f"monitor: {e}")
                 if b.state != "ERROR" or b.error != reason:
@@ -236,8 +245,20 @@ class Backends:
         await self.pool.write(work)
         if b.state == "ERROR":
             log.info("backend %s (%d) is READY again", b.name, b.id)
-        if self.local_error.pop(b.id, None) is not None:
+        if (self.local_error.pop(b.id, None) is not None
+                or self.local_readonly.pop(b.id, None) is not None):
             self.refresh()
+
+    async def _read_only(self, b: Backend, why: str) -> None:
+        """The storage answers reads but not writes here (a filesystem remounted read-only):
+        this host treats the backend as DISABLED (reads work, changes answer EROFS) until a
+        monitor pass finds it writable again."""
+        reason = f"read-only on this host: {why}"
+        if self.local_readonly.get(b.id) != reason:
+            log.error("backend %s (%d) is %s", b.name, b.id, reason)
+            self.local_readonly[b.id] = reason
+            self.refresh()
+        await self.pool.write(lambda tx: tx.set_host_backend(self.host, b.id, "READONLY", reason))
 
     async def monitor_all(self) -> None:
         await self.stop_retired()

@@ -132,6 +132,8 @@ class DirDriver(Driver):
 
     def _monitor(self) -> Capacity:
         self._check_root()
+        if os.statvfs(self.root).f_flag & os.ST_RDONLY:  # remounted read-only under us
+            raise OSError(errno.EROFS, "the backend's filesystem is mounted read-only", str(self.root))
         return directory_capacity(self.root)
 
     async def allocate(self, key: str, size: int) -> None:
@@ -182,12 +184,20 @@ class DirDriver(Driver):
             abandon_on_cancel=True, limiter=self.limiter)
 
     async def open(self, key: str, writable: bool) -> Handle:
-        flags = os.O_RDWR if writable else os.O_RDONLY
+        path = self._path(key)
+
+        def _open() -> int:
+            try:
+                return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+            except OSError as e:  # a read-only filesystem still serves reads (writes: EROFS)
+                if not (writable and e.errno == errno.EROFS):
+                    raise
+                return os.open(path, os.O_RDONLY)
+
         if self.remote:
-            fd = await trio.to_thread.run_sync(os.open, self._path(key), flags,
-                                               abandon_on_cancel=True, limiter=self.limiter)
+            fd = await trio.to_thread.run_sync(_open, abandon_on_cancel=True, limiter=self.limiter)
             return ThreadedHandle(FileHandle(fd, self.root), self.limiter)
-        return FileHandle(os.open(self._path(key), flags), self.root)
+        return FileHandle(_open(), self.root)
 
     async def keys(self) -> list[str]:
         return await trio.to_thread.run_sync(
