@@ -34,6 +34,7 @@ from .store import Delta, PoolStore, Tx
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+BATCH = 64  # writes that may share one commit
 STORE_TIMEOUT = 10.0  # seconds a metadata change waits for the pool store before failing
 SYNC_INTERVAL = 1.0  # SQLite: committed changes reach stable storage within this (power loss)
 NOTIFY_MAX = 7000  # bytes; PostgreSQL's payload limit is 8000: larger changes say "everything"
@@ -51,6 +52,7 @@ class Job(Generic[T]):
     withdrawn: bool = False
     unwatched: bool = False  # queued without a waiter, or its waiter gave up: failures are logged
     refresh: bool = False  # a read whose result is a Delta to apply
+    delta: Delta | None = None  # what it changed, once committed
 
 
 class StoreWorker:
@@ -71,6 +73,10 @@ class StoreWorker:
         self._last_sync = time.monotonic()
         self._conn: sa.Connection | None = None
         self.transactions = 0  # for benchmarks and tests: how many this daemon ran
+        # Group commit only where this daemon is the one writer (SQLite). On PostgreSQL a batch
+        # holds the row locks of all its jobs (backend rows, parent folders) and two hosts'
+        # batches would deadlock; the server groups concurrent commits' WAL flushes itself.
+        self.batch = 1 if store.shared else BATCH
 
     def start(self) -> None:
         """On the trio thread: results come back to this loop."""
@@ -131,34 +137,54 @@ class StoreWorker:
     # ------------------------------------------------------------------ the worker thread
 
     def _run(self) -> None:
+        carry: list[Job[Any] | None] = []  # what ended a batch, to run next
         while True:
-            try:
-                job = self._queue.get(timeout=SYNC_INTERVAL)
-            except queue.Empty:
-                self._sync()
-                continue
+            if carry:
+                job = carry.pop()
+            else:
+                try:
+                    job = self._queue.get(timeout=SYNC_INTERVAL)
+                except queue.Empty:
+                    self._sync()
+                    continue
             if job is None:
                 self._sync()
                 if self._conn is not None:
                     with contextlib.suppress(Exception):
                         self._conn.close()
                 return
-            with self._lock:
-                if job.withdrawn:
-                    continue
-                job.started = True
-            delta: Delta | None = None
-            try:
-                job.result, delta = self._transaction(job)
-            except BaseException as e:  # handed to the caller, in the loop
-                job.error = e
+            if not self._start(job):
+                continue
+            batch = [job]
+            if job.write:  # group commit: writes queued meanwhile share one commit
+                while len(batch) < self.batch:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None or not more.write:
+                        carry.append(more)
+                        break
+                    if self._start(more):
+                        batch.append(more)
+                self._writes(batch)
+            else:
+                self._read(job)
             if time.monotonic() - self._last_sync >= SYNC_INTERVAL:
                 self._sync()
             try:
                 assert self._token is not None
-                self._token.run_sync_soon(self._finish, job, delta)
+                for done in batch:
+                    self._token.run_sync_soon(self._finish, done, done.delta)
             except trio.RunFinishedError:
                 return
+
+    def _start(self, job: Job[Any]) -> bool:
+        with self._lock:
+            if job.withdrawn:
+                return False
+            job.started = True
+            return True
 
     def _connection(self) -> sa.Connection:
         """The worker's own connection, held across transactions (a pool check-out per
@@ -177,36 +203,86 @@ class StoreWorker:
                 self._conn.invalidate()
             self._conn = None
 
-    def _transaction(self, job: Job[Any]) -> tuple[Any, Delta | None]:
+    def _read(self, job: Job[Any]) -> None:
         self.transactions += 1
         conn = self._connection()
-        conn.execution_options(tm2fs_read=not job.write)  # SQLite: BEGIN, or BEGIN IMMEDIATE
-        if not job.write:
-            try:
-                with conn.begin():
-                    result = job.work(Tx(conn))
-            except sa.exc.DBAPIError:
-                self._drop_connection()
-                raise
-            return result, result if job.refresh else None
+        conn.execution_options(tm2fs_read=True)  # SQLite: BEGIN, not BEGIN IMMEDIATE
         try:
             with conn.begin():
-                tx = Tx(conn)
-                result = job.work(tx)
-                delta = tx.delta()
-                if delta and self.store.shared:
-                    payload = json.dumps({"h": self.host, **delta.ids()})
+                job.result = job.work(Tx(conn))
+            job.delta = job.result if job.refresh else None
+        except sa.exc.DBAPIError as e:
+            self._drop_connection()
+            job.error = e
+        except BaseException as e:  # handed to the caller, in the loop
+            job.error = e
+
+    def _writes(self, batch: list[Job[Any]], retries: int = 1) -> None:
+        """One transaction for the batch, each job in its own savepoint when there are several
+        (a job that fails rolls back alone); one NOTIFY naming every row; one commit. If the
+        batch as a whole fails (PostgreSQL found a deadlock between two hosts' batches, which
+        lock rows in different orders), nothing of it happened: each job runs again alone."""
+        failure = self._commit(batch)
+        if failure is None:
+            self._unsynced = True
+            return
+        if isinstance(failure, sa.exc.DBAPIError) and not isinstance(failure, sa.exc.IntegrityError):
+            if len(batch) > 1:
+                for job in batch:
+                    job.result = job.delta = job.error = None
+                for job in batch:
+                    self._writes([job])
+                return
+            if retries and _transient(failure):
+                batch[0].result = batch[0].delta = batch[0].error = None
+                self._writes(batch, retries - 1)
+                return
+        error = _exists(failure) if isinstance(failure, sa.exc.IntegrityError) else failure
+        for job in batch:
+            job.delta = None
+            if job.error is None:
+                job.error = error
+
+    def _commit(self, batch: list[Job[Any]]) -> BaseException | None:
+        """Run and commit the batch; the failure that undid all of it, if any."""
+        self.transactions += 1
+        conn = self._connection()
+        conn.execution_options(tm2fs_read=False)  # SQLite: BEGIN IMMEDIATE
+        changed = Delta()
+        try:
+            with conn.begin():
+                for job in batch:
+                    if len(batch) == 1:
+                        self._write(conn, job)
+                    else:
+                        try:
+                            with conn.begin_nested():
+                                self._write(conn, job)
+                        except sa.exc.IntegrityError as e:
+                            job.error = _exists(e)
+                        except sa.exc.DBAPIError:
+                            raise  # the transaction itself is lost: the whole batch fails
+                        except Exception as e:
+                            job.error = e
+                    if job.delta:
+                        changed.merge(job.delta)
+                if changed and self.store.shared:
+                    payload = json.dumps({"h": self.host, **changed.ids()})
                     if len(payload) > NOTIFY_MAX:
                         payload = json.dumps({"h": self.host, "all": True})
-                    tx.notify(payload)
-        except sa.exc.IntegrityError as e:  # two hosts made the same name at once
-            raise err.Exists("it exists (made concurrently elsewhere)",
-                             "look again: another host made it meanwhile") from e
-        except sa.exc.DBAPIError:
-            self._drop_connection()  # perhaps broken (PostgreSQL restarted): the next job reconnects
-            raise
-        self._unsynced = True
-        return result, delta
+                    Tx(conn).notify(payload)
+        except BaseException as e:
+            if isinstance(e, sa.exc.DBAPIError) and not _transient(e) and not isinstance(
+                    e, sa.exc.IntegrityError):
+                self._drop_connection()  # perhaps broken (PostgreSQL restarted)
+            return e
+        return None
+
+    @staticmethod
+    def _write(conn: sa.Connection, job: Job[Any]) -> None:
+        tx = Tx(conn)
+        job.result = job.work(tx)
+        job.delta = tx.delta()
 
     def _sync(self, force: bool = False) -> None:
         if not (self._unsynced or force):
@@ -235,3 +311,17 @@ class StoreWorker:
     async def sync(self) -> None:
         """fsync(2) of a directory or image: every commit so far reaches stable storage."""
         await self.read(lambda tx: self._sync(force=True))
+
+
+def _exists(e: BaseException) -> err.Tm2Error:
+    """A uniqueness violation: two hosts made the same name at once."""
+    out = err.Exists("it exists (made concurrently elsewhere)",
+                     "look again: another host made it meanwhile")
+    out.__cause__ = e
+    return out
+
+
+def _transient(e: BaseException) -> bool:
+    """A deadlock or serialization failure: the same transaction may well pass again."""
+    code = getattr(getattr(e, "orig", None), "sqlstate", None)
+    return code in ("40P01", "40001")

@@ -80,6 +80,11 @@ class Delta:
     def __bool__(self) -> bool:
         return bool(self.nodes or self.images or self.backends)
 
+    def merge(self, other: Delta) -> None:
+        self.nodes.update(other.nodes)
+        self.images.update(other.images)
+        self.backends.update(other.backends)
+
     def ids(self) -> dict[str, list[int]]:
         return {"n": sorted(self.nodes), "i": sorted(self.images), "b": sorted(self.backends)}
 
