@@ -91,6 +91,7 @@ def test_default_backend_is_sticky_like_tmp(d: Daemon, tenant: int) -> None:
     local = d.mnt / "local"
     assert d.backends()["local"]["PERMISSIONS"] == "1777"
     assert local.stat().st_mode & 0o7777 == 0o1777
+    ok(d.backend_cli("update", "local", "--permissions", "1777"))  # what the README tells
     (local / "victim.img").write_bytes(b"root's data")
     os.chmod(local / "victim.img", 0o600)
 
@@ -201,6 +202,8 @@ def test_attach_needs_read_permission_on_the_image(d: Daemon, pub: Path, tenant:
     assert not (vms / "link").is_symlink()
     assert not (local / "mylink").is_symlink()
     assert nbvm(d) == 0
+    status, body = api_as(d, tenant, "GET", "/v1/images/localpath?address=local:root600.img")
+    assert status == 403, body  # the native path would name the KEY
     ok(d.tm2("delete", "local:root600.img"))  # nothing pins it
 
     # a link to what the user may read is an attachment, recorded as the user's

@@ -308,8 +308,10 @@ class Actions:
         log.info("detached %s from %s:%s", address, on, path)
 
     def local_path(self, address: str, caller: Caller) -> str | None:
-        """Where the image's bytes can be reached on this host without the mount, if anywhere."""
+        """Where the image's bytes can be reached on this host without the mount, if anywhere
+        (it names the backend's KEY: for callers who may read the image)."""
         b, n = self.image_node(address, caller)
+        check(caller, n, READ)
         im = self.pool.images.get(n.image_id) if n.image_id is not None else None
         return self.backends.runtime(b).driver.local_path(im.key) if im else None
 
