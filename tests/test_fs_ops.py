@@ -116,7 +116,7 @@ async def test_root_and_backend_directory(ops: fs.Operations, listing: Callable)
     assert await readdir_all(ops, pyfuse3.ROOT_INODE, listing) == [b"local"]
     local = await ops.lookup(pyfuse3.ROOT_INODE, b"local", CTX)
     assert stat.S_ISDIR(local.st_mode)
-    assert stat.S_IMODE(local.st_mode) == 0o777  # the default backend is a shared datastore
+    assert stat.S_IMODE(local.st_mode) == 0o1777  # a shared datastore, sticky like /tmp
     assert (local.st_nlink, local.st_uid, local.st_gid) == (2, 0, 0)
     assert local.entry_timeout == local.attr_timeout == fs.CACHE_TIMEOUT
     assert local.st_blksize == 128 * 1024

@@ -105,7 +105,7 @@ def public_daemon():
 
 def test_other_users_follow_the_modes(public_daemon: Daemon) -> None:
     daemon = public_daemon
-    local = daemon.mnt / "local"  # the default backend is 0777, like a shared datastore
+    local = daemon.mnt / "local"  # the default backend is 1777, a shared datastore like /tmp
     (local / "roots").write_bytes(b"root's")
     os.chmod(local / "roots", 0o644)
     made = as_nobody("dd", "if=/dev/zero", f"of={local}/mine", "bs=4096", "count=4")

@@ -160,7 +160,7 @@ async def test_permission_filters_backends(service: Service, tmp_path: Path) -> 
     verdicts = {v["NAME"]: v for v in await service.explain(USER, "1M")}
     assert verdicts["theirs"]["VERDICT"].startswith("permission denied")
     info = await service.allocate("auto:vm/disk", "1M", USER)
-    assert info["BACKEND"] in ("mine", "local")  # local is 0777 by default
+    assert info["BACKEND"] in ("mine", "local")  # local is 1777 by default
 
 
 @pytest.mark.parametrize("text, error", [

@@ -124,7 +124,7 @@ async def create_backend(svc: Service, req: Request) -> Any:
 
 @route("GET", "/v1/backends/{ref}", "Show one backend (by name or ID) with its images")
 async def show_backend(svc: Service, req: Request, ref: str) -> Any:
-    return await svc.backend_info(ref, detail=True)
+    return await svc.backend_info(ref, detail=True, caller=caller_of(req))
 
 
 @route("PATCH", "/v1/backends/{ref}", "Update a backend's attributes (merge; empty removes)",

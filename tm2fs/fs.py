@@ -77,6 +77,21 @@ def _caller(ctx: pyfuse3.RequestContext | None) -> Caller:
     return Caller(ctx.uid, ctx.gid, origin="fs")
 
 
+def _caller_with_groups(ctx: pyfuse3.RequestContext | None) -> Caller:
+    """The caller with its process's supplementary groups, for the one decision the kernel does
+    not make for us (may a symlink's maker read the image it makes an attachment of)."""
+    caller = _caller(ctx)
+    if ctx is None:
+        return caller
+    groups: frozenset[int] = frozenset()
+    with suppress(OSError, ValueError), open(f"/proc/{ctx.pid}/status") as f:
+        for line in f:
+            if line.startswith("Groups:"):
+                groups = frozenset(int(g) for g in line.split()[1:])
+                break
+    return Caller(caller.uid, caller.gid, groups, origin="fs")
+
+
 def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
@@ -233,7 +248,7 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors():
             return _entry(await self.service.symlink(parent_inode, _name(name), _name(target),
-                                               _caller(ctx)))
+                                               _caller_with_groups(ctx)))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -94,6 +94,7 @@ class Attachment:
     path: str
     link_ino: int | None
     created: float
+    uid: int | None = None  # who attached it (None: made before schema version 3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from ..model import ROOT, Attachment, Backend, Caller, Node
 from ..names import AUTO, parse_address
 from ..sizes import parse_size
 from ..store import Tx
+from . import permissions
 from .backends import Backends, quietly
 from .images import Images
 from .leases import Leases
@@ -128,7 +129,7 @@ class Actions:
         im = self.pool.images.get(image_id)
         path = self.pool.path(n.ino)
         return {"ID": image_id, "PATH": path, "SIZE": self.pool.image_size(image_id),
-                "KEY": im.key if im else None, "CREATED": im.created if im else None,
+                "KEY": im.key if im and caller.is_root else None, "CREATED": im.created if im else None,
                 "BACKEND": b.name, "BACKEND_ID": b.id,
                 "ADDRESS": f"{b.name}:{path.partition('/')[2]}", "INO": n.ino,
                 "ATTACHMENTS": [attachment_view(a) for a in attached]}
@@ -270,9 +271,9 @@ class Actions:
         if not path.startswith("/") or "\0" in path:
             raise err.InvalidArgument(f"attach path {path!r} must be absolute")
         b, n = self.image_node(address, caller)
-        check(caller, n, READ)
+        on = permissions.require_host(caller, host, self.pool.host)
+        permissions.require_attach(caller, n, self.pool.nodes.get, address)
         self.backends.usable(b, write=False)
-        on = host or self.pool.host
         image_id = n.image_id
         assert image_id is not None
         where = posixpath.normpath(path)
@@ -281,7 +282,7 @@ class Actions:
             if tx.attachment_at(on, where):
                 raise err.Exists(f"{path} on {on} is already an attachment", "detach it first")
             self.leases.take_in(tx, image_id, on, address)
-            return tx.insert_attachment(image_id, on, where)
+            return tx.insert_attachment(image_id, on, where, uid=caller.uid)
 
         aid = await self.pool.write(work)
         log.info("attached %s at %s:%s", address, on, path)
@@ -290,14 +291,14 @@ class Actions:
     async def detach(self, address: str, path: str, caller: Caller,
                      host: str | None = None) -> None:
         _, n = self.image_node(address, caller)
-        check(caller, n, READ)
-        on = host or self.pool.host
+        on = permissions.require_host(caller, host, self.pool.host)
         writing = n.image_id in self.leases.writers
 
         def work(tx: Tx) -> None:
             a = tx.attachment_at(on, posixpath.normpath(path))
             if a is None or a.image_id != n.image_id:
                 raise err.NotFound(f"{address} is not attached at {path} on {on}")
+            permissions.require_detach(caller, n, a)
             if a.link_ino is not None:
                 raise err.Busy(f"{path} is a link on the mount", "remove the link: rm PATH")
             tx.delete_attachment(a.id)
@@ -307,8 +308,10 @@ class Actions:
         log.info("detached %s from %s:%s", address, on, path)
 
     def local_path(self, address: str, caller: Caller) -> str | None:
-        """Where the image's bytes can be reached on this host without the mount, if anywhere."""
+        """Where the image's bytes can be reached on this host without the mount, if anywhere
+        (it names the backend's KEY: for callers who may read the image)."""
         b, n = self.image_node(address, caller)
+        check(caller, n, READ)
         im = self.pool.images.get(n.image_id) if n.image_id is not None else None
         return self.backends.runtime(b).driver.local_path(im.key) if im else None
 

@@ -21,7 +21,7 @@ from ..names import check_name
 from ..store import Tx
 from .backends import Backends
 from .leases import Leases
-from .permissions import EXEC, WRITE, check, new_gid, sticky
+from .permissions import EXEC, WRITE, check, new_gid, require_attach, sticky
 from .pool import Pool
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,8 @@ class Namespace:
         p, _ = self.dir_for_change(parent, caller)
         self.free_name(parent, name)
         img = self._resolve_target(parent, target)
+        if img is not None:
+            require_attach(caller, img, self.pool.nodes.get, name)
         path = f"{self.mount_path(parent)}/{name}" if self.mountpoint else name
         t = now_ns()
 
@@ -309,7 +311,8 @@ class Namespace:
                 if stale:
                     tx.delete_attachment(stale.id)
                 self.leases.take_in(tx, img.image_id, self.pool.host, img.name)
-                tx.insert_attachment(img.image_id, self.pool.host, path, link_ino=ino)
+                tx.insert_attachment(img.image_id, self.pool.host, path, link_ino=ino,
+                                     uid=caller.uid)
             return ino
 
         ino = await self.pool.write(work, caller)

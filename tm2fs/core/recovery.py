@@ -102,7 +102,8 @@ class Recovery:
                 fixed["sizes"] += 1
 
     async def ensure_default_backend(self) -> None:
-        """The embedded default: a `local` directory backend under the state directory."""
+        """The embedded default: a `local` directory backend under the state directory, shared
+        as /tmp is (sticky: everyone creates, only an entry's owner removes or renames it)."""
         if not self.backends.by_id:
             await self.admin.create(ROOT, {"NAME": "local", "TM": "dir", "ROLE": "SAN",
-                                           "PERMISSIONS": "0777"})
+                                           "PERMISSIONS": "1777"})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..drivers.base import Capacity, Progress
-from ..model import Attr, Caller
+from ..model import ROOT, Attr, Caller
 from ..store import PoolStore
 from .actions import Actions
 from .admin import Admin
@@ -101,8 +101,9 @@ class Service:
     async def list_backends(self) -> list[dict[str, Any]]:
         return await self.views.list()
 
-    async def backend_info(self, ref: str | int, detail: bool = False) -> dict[str, Any]:
-        return await self.views.show(ref, detail)
+    async def backend_info(self, ref: str | int, detail: bool = False,
+                           caller: Caller = ROOT) -> dict[str, Any]:
+        return await self.views.show(ref, detail, caller)
 
     async def create_backend(self, caller: Caller, spec: dict[str, Any]) -> dict[str, Any]:
         return await self.views.show(await self.admin.create(caller, spec))

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from .. import placement
-from ..model import Backend, Node
+from ..model import ROOT, Backend, Caller, Node
 from ..store import Tx
 from .actions import attachment_view
 from .backend_spec import Names
 from .backends import Backends
+from .permissions import sees
 from .pool import Pool
 
 
@@ -25,7 +26,10 @@ class Views:
         return [await self._row(b, counters.get(b.id, (0, 0, 0)))
                 for b in self.backends.by_id.values()]
 
-    async def show(self, ref: str | int, detail: bool = False) -> dict[str, Any]:
+    async def show(self, ref: str | int, detail: bool = False,
+                   caller: Caller = ROOT) -> dict[str, Any]:
+        """One backend; in detail, with the images and attachments whose names the caller may
+        see (as `ls` would show them), and their keys only to root."""
         b = self.backends.find(ref)
         if not detail:
             counters = await self.pool.read(Tx.counters)
@@ -38,16 +42,24 @@ class Views:
         counters, views, attached = await self.pool.read(work)
         view = await self._row(b, counters)
         view["HOSTS"] = {v["host"]: v["state"] for v in views if v["backend_id"] == b.id}
-        view["IMAGES"] = [self.image_row(im.id) for im in sorted(
-            (im for im in self.pool.images.values() if im.backend_id == b.id), key=lambda i: i.id)]
-        view["ATTACHMENTS"] = [attachment_view(a) for a in attached]
+        shown = {im.id for im in self.pool.images.values()
+                 if im.backend_id == b.id and self._sees(caller, im.id)}
+        view["IMAGES"] = [self.image_row(i, caller) for i in sorted(shown)]
+        view["ATTACHMENTS"] = [attachment_view(a) for a in attached
+                               if a.image_id in shown or a.uid == caller.uid]
         return view
 
-    def image_row(self, image_id: int) -> dict[str, Any]:
+    def _sees(self, caller: Caller, image_id: int) -> bool:
+        ino = self.pool.image_ino.get(image_id)
+        n = self.pool.nodes.get(ino) if ino is not None else None
+        return caller.is_root or (n is not None and sees(caller, n, self.pool.nodes.get))
+
+    def image_row(self, image_id: int, caller: Caller = ROOT) -> dict[str, Any]:
         im = self.pool.images[image_id]
         ino = self.pool.image_ino.get(image_id)
         return {"ID": im.id, "PATH": self.pool.path(ino) if ino is not None else None,
-                "SIZE": self.pool.image_size(im.id), "KEY": im.key, "CREATED": im.created}
+                "SIZE": self.pool.image_size(im.id), "KEY": im.key if caller.is_root else None,
+                "CREATED": im.created}
 
     async def _row(self, b: Backend, counters: tuple[int, int, int]) -> dict[str, Any]:
         root: Node | None = self.pool.nodes.get(b.root_ino)

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
@@ -88,6 +88,7 @@ attachment = sa.Table(
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("link_ino", sa.BigInteger),  # the symlink on the mount that made it, if any
     sa.Column("created", sa.Float, nullable=False),
+    sa.Column("uid", sa.Integer),  # who attached it: they, the image's owner or root detach it
     sa.UniqueConstraint("host", "path", name="attachment_host_path"),
 )
 
@@ -138,7 +139,14 @@ def _v1_to_v2(c: sa.Connection) -> None:
                           f"NOT NULL DEFAULT {default}")
 
 
+def _v2_to_v3(c: sa.Connection) -> None:
+    """Attachments remember who made them (older ones: NULL, so only the image's owner or root
+    detaches them)."""
+    if "uid" not in {col["name"] for col in sa.inspect(c).get_columns("attachment")}:
+        c.exec_driver_sql("ALTER TABLE attachment ADD COLUMN uid INTEGER")
+
+
 # Migrations from version N to N+1; a new schema version appends one function here.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3]
 
 
