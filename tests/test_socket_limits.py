@@ -124,6 +124,26 @@ def test_one_user_cannot_starve_the_socket_or_the_mount() -> None:
         assert answers(d, user=NOBODY) == "ok"  # its share is back once it lets go
 
 
+def test_out_of_descriptors_the_socket_waits_and_recovers() -> None:
+    # caps set above what the open-file limit holds: accept() meets EMFILE, and must neither
+    # give up nor flood the log
+    with public_daemon(nofile=(256, 256), TM2FS_API_MAX_CONNECTIONS="1000",
+                       TM2FS_API_MAX_PER_UID="1000", TM2FS_API_HEADER_TIMEOUT="300") as d:
+        hog = Hog(d, 300)
+        try:
+            assert hog.opened == {"opened": 300, "failed": 0}
+            deadline = time.monotonic() + 10
+            while "cannot accept" not in d.logs() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)  # ten retries more
+        finally:
+            hog.close()
+        assert answers(d) == "ok"
+        logs = d.logs()
+        assert logs.count("cannot accept: Too many open files") == 1, logs[-2000:]
+        assert "accepting again" in logs
+
+
 def test_half_open_and_idle_connections_are_closed() -> None:
     with public_daemon(TM2FS_API_HEADER_TIMEOUT="2", TM2FS_API_IDLE_TIMEOUT="3") as d:
         hog = Hog(d, 10)  # 5 send nothing, 5 the start of a request head
