@@ -29,7 +29,7 @@ def unmount(path: Path) -> None:
 
 class Daemon:
     def __init__(self, tmp: Path, db_url: str | None = None, host: str = "testhost",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), nofile: tuple[int, int] | None = None) -> None:
         self.tmp = tmp
         self.state = tmp / "state"
         self.mnt = tmp / "mnt"
@@ -37,6 +37,7 @@ class Daemon:
         self.db_url = db_url or f"sqlite:///{self.state}/pool.db"
         self.host = host
         self.extra = extra
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE to start the daemon with
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "daemon.log"
 
@@ -49,6 +50,8 @@ class Daemon:
                "--socket", str(self.sock), "--host", self.host, "--monitor-interval", "2",
                *self.extra]
         cmd += ["--db", self.db_url, str(self.mnt)]
+        if self.nofile:
+            cmd = ["prlimit", f"--nofile={self.nofile[0]}:{self.nofile[1]}", "--", *cmd]
         log = open(self.log, "ab")  # noqa: SIM115 - the daemon owns it until it exits
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env or self.env)
         log.close()

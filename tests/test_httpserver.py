@@ -63,3 +63,34 @@ async def test_a_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None
         await serve_unix(str(path), answering("x"))
     assert refused.value.errno == errno.EEXIST
     assert path.read_text() == "precious"
+
+
+async def reading(req: Request) -> Response:
+    return Response.json({"read": len(await req.read())})
+
+
+async def exchange(path: str, raw: bytes) -> bytes:
+    """Send `raw`, end the request side, and return all the server answers."""
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(raw)
+        await stream.send_eof()
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                data += chunk
+    return data
+
+
+@pytest.mark.parametrize("raw", [
+    b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly ten b",
+    b"PUT /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+], ids=["body shorter than Content-Length", "bad chunk header"])
+async def test_a_broken_body_is_a_bad_request(tmp_path: Path, raw: bytes) -> None:
+    path = str(tmp_path / "tm2fs.sock")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_unix, path, reading)
+        answer = await exchange(path, raw)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"bad HTTP request" in answer
+        nursery.cancel_scope.cancel()

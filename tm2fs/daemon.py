@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import __version__
+from . import __version__, httplimits
 from .store import PoolStore, sqlite_url
 
 log = logging.getLogger("tm2fs")
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--background", dest="foreground", action="store_false",
                    help="detach once the mount is ready")
     p.add_argument("--debug", action="store_true", help="log debug messages")
+    httplimits.add_arguments(p)
     p.add_argument("--version", action="version", version=f"tm2fs {__version__}")
     return p.parse_args(argv)
 
@@ -121,6 +122,9 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
 
     state_dir = Path(args.state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
+    # headroom for the data path: the API's connections are capped at a share of this
+    log.info("open-file limit: %d", httplimits.raise_open_file_limit())
+    httplimits.configure(httplimits.from_arguments(args))
     try:  # before anything is mounted: a second daemon on a live socket changes nothing
         await httpserver.claim_socket(args.socket)
     except OSError as e:

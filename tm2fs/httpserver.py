@@ -20,12 +20,14 @@ import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
 import trio
+
+from . import httplimits
+from .httplimits import Gate, Limits
 
 log = logging.getLogger(__name__)
 
@@ -115,47 +117,201 @@ async def claim_socket(path: str) -> None:
                   "(stop it, or give this daemon another --socket)")
 
 
-async def serve_unix(path: str, handler: Handler, *,
+async def serve_unix(path: str, handler: Handler, *, limits: Limits | None = None,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on `path` (mode 0666: access is decided per request from the peer's uid)."""
+    """Listen on `path` (mode 0666: access is decided per request from the peer's uid), under
+    `limits` (default: the daemon's, httplimits.configured())."""
+    limits = (limits or httplimits.configured()).sized()
+    log.info("control socket: at most %d connections per uid, %d of all users but root, %d of "
+             "root; heads within %g s, bodies stalled %g s and idle connections %g s dropped",
+             limits.max_per_uid, limits.max_connections, limits.max_connections,
+             limits.header_timeout, limits.body_timeout, limits.idle_timeout)
     await claim_socket(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o666)
-    sock.listen(128)
-    listener = trio.SocketListener(sock)
-    task_status.started()
     try:
-        await trio.serve_listeners(partial(_connection, handler=handler), [listener])
+        await sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(128)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            await _accept(sock, handler, limits, nursery)
     finally:
+        sock.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
-async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
-    peer = peer_of(stream.socket)
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+ACCEPT_SHORT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
+
+
+async def _accept(sock: trio.socket.SocketType, handler: Handler, limits: Limits,
+                  nursery: trio.Nursery) -> None:
+    """Accept for ever. Out of descriptors, wait and retry (logged once per episode); a caller
+    beyond its share gets 503 at once, and nothing of it is kept."""
+    gate = Gate(limits)
+    short_since: float | None = None
+    while True:
+        try:
+            conn, _ = await sock.accept()
+        except OSError as e:
+            if e.errno not in ACCEPT_SHORT:
+                raise
+            if short_since is None:
+                short_since = trio.current_time()
+                log.warning("control socket: cannot accept: %s; retrying", os.strerror(e.errno))
+            await trio.sleep(0.1)
+            continue
+        if short_since is not None:
+            log.info("control socket: accepting again after %.1f s",
+                     trio.current_time() - short_since)
+            short_since = None
+        try:
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            continue
+        refused = gate.enter(peer.uid)
+        if refused is not None:
+            _refuse(conn, refused)
+            continue
+        nursery.start_soon(_admitted, trio.SocketStream(conn), peer, handler, limits, gate)
+
+
+def _raw(status: int, error: str, message: str, hint: str) -> bytes:
+    """A whole response for a connection about to be closed (no request may have been read)."""
+    body = json.dumps({"error": error, "message": message, "hint": hint}).encode() + b"\n"
+    return (f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def _refuse(conn: trio.socket.SocketType, why: str) -> None:
+    """503 and close, without waiting: the answer fits the empty socket buffer, and a client
+    that already wrote its request still reads it (AF_UNIX hands over queued bytes first)."""
+    with contextlib.suppress(OSError):
+        os.write(conn.fileno(), _raw(503, "too_many_connections", why,
+                                     "close some of them, or wait for them to finish, and "
+                                     "retry"))
+    conn.close()
+
+
+async def _admitted(stream: trio.SocketStream, peer: Peer, handler: Handler, limits: Limits,
+                    gate: Gate) -> None:
+    try:
+        await _connection(stream, peer, handler, limits)
+    finally:
+        gate.leave(peer.uid)
+
+
+class Stalled(Exception):
+    """The client let a deadline pass: a head not whole in time, a body that stopped moving."""
+
+    def __init__(self, message: str, status: int | None = 408) -> None:
+        super().__init__(message)
+        self.status = status  # what to answer, if anything can still be answered
+
+
+class _Wire:
+    """One connection's bytes both ways, every wait under its deadline."""
+
+    def __init__(self, stream: trio.SocketStream, limits: Limits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        self.body_failed: BaseException | None = None
+
+    async def receive(self, deadline: float, why: str) -> None:
+        with trio.move_on_at(deadline):
+            self.conn.receive_data(await self.stream.receive_some(RECV))
+            return
+        raise Stalled(why)
+
+    async def head(self, since: float | None) -> Any:
+        """The next request's head (or ConnectionClosed): whole within header_timeout of
+        `since` (the connection's start), or, on a kept-alive connection (since=None), of its
+        first byte, which may take idle_timeout. None: idle too long, closed quietly."""
+        event = self.conn.next_event()
+        if event is h11.NEED_DATA and since is None and not self.conn.trailing_data[0]:
+            try:
+                await self.receive(trio.current_time() + self.limits.idle_timeout, "idle")
+            except Stalled:
+                return None
+            event = self.conn.next_event()
+        deadline = (since or trio.current_time()) + self.limits.header_timeout
+        while event is h11.NEED_DATA:
+            await self.receive(deadline, "the request's head did not arrive within "
+                               f"{self.limits.header_timeout:g} s")
+            event = self.conn.next_event()
+        return event
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body; fails (and says so in body_failed) if it stops moving for
+        body_timeout, breaks HTTP, or the client goes away."""
+        while self.conn.their_state is h11.SEND_BODY:
+            try:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    await self.receive(trio.current_time() + self.limits.body_timeout,
+                                       "the request body stalled for "
+                                       f"{self.limits.body_timeout:g} s")
+                    continue
+            except (Stalled, h11.RemoteProtocolError, trio.BrokenResourceError,
+                    ConnectionError) as e:
+                self.body_failed = e
+                raise
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send all of `data`; the client must take some of it every body_timeout (a slow
+        reader that keeps reading is never cut)."""
+        view = memoryview(data)
+        while view:
+            with trio.move_on_after(self.limits.body_timeout):
+                view = view[await self.stream.socket.send(view):]
+                continue
+            raise Stalled(f"the client read nothing for {self.limits.body_timeout:g} s", None)
+
+    async def send(self, event: Any) -> None:
+        await self.send_bytes(self.conn.send(event) or b"")
+
+    async def answer_and_close(self, raw: bytes) -> None:
+        with trio.move_on_after(1), contextlib.suppress(OSError, trio.BrokenResourceError):
+            await self.stream.send_all(raw)
+
+
+async def _connection(stream: trio.SocketStream, peer: Peer, handler: Handler,
+                      limits: Limits) -> None:
+    wire = _Wire(stream, limits)
+    conn = wire.conn
+    since: float | None = trio.current_time()
+    request: Request | None = None
     try:
         while True:
-            event = await _next(conn, stream)
-            if isinstance(event, h11.ConnectionClosed):
-                return
+            event = await wire.head(since)
+            since = None
             if not isinstance(event, h11.Request):
-                return
+                return  # closed, idle, or not a request
             url = urlsplit(event.target.decode("latin-1"))
             request = Request(
                 method=event.method.decode(), path=unquote(url.path),
                 query=dict(parse_qsl(url.query, keep_blank_values=True)),
                 headers={k.decode().lower(): v.decode("latin-1") for k, v in event.headers},
-                peer=peer, body=_body(conn, stream))
+                peer=peer, body=wire.body())
             try:
                 response = await handler(request)
             except Exception:
+                if wire.body_failed is not None:
+                    raise wire.body_failed from None
                 log.exception("control API: %s %s failed", request.method, request.path)
                 response = Response.json({"error": "internal", "message": "internal error",
                                           "hint": "the daemon's log has the details"}, 500)
-            await _send(conn, stream, response)
+            if wire.body_failed is not None:  # the handler swallowed it: the stream is broken
+                raise wire.body_failed
+            await _send(wire, response)
             async for _ in request.body:  # drain what the handler did not read
                 pass
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -164,8 +320,14 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
     except h11.RemoteProtocolError as e:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(Exception):
-                await _send(conn, stream, Response.json(
+                await _send(wire, Response.json(
                     {"error": "invalid_argument", "message": f"bad HTTP request: {e}"}, 400))
+    except Stalled as e:
+        what = f"{request.method} {request.path}" if request else "a connection"
+        log.info("control API: %s of uid %d dropped: %s", what, peer.uid, e)
+        if e.status is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await wire.answer_and_close(_raw(e.status, "timeout", str(e),
+                                             "send the whole request without pausing"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
         pass  # the client went away
     finally:
@@ -173,25 +335,7 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
             await stream.aclose()
 
 
-async def _next(conn: h11.Connection, stream: trio.SocketStream) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(RECV))
-            continue
-        return event
-
-
-async def _body(conn: h11.Connection, stream: trio.SocketStream) -> AsyncIterator[bytes]:
-    while conn.their_state is h11.SEND_BODY:
-        event = await _next(conn, stream)
-        if isinstance(event, h11.Data):
-            yield bytes(event.data)
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return
-
-
-async def _send(conn: h11.Connection, stream: trio.SocketStream, response: Response) -> None:
+async def _send(wire: _Wire, response: Response) -> None:
     headers = [("content-type", response.content_type), *response.headers]
     if isinstance(response.body, bytes):
         headers.append(("content-length", str(len(response.body))))
@@ -199,17 +343,24 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, response: Respo
         headers.append(("content-length", str(response.length)))
     else:
         headers.append(("transfer-encoding", "chunked"))
-    await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+    await wire.send(h11.Response(status_code=response.status, headers=headers))
     if isinstance(response.body, bytes):
         if response.body:
-            await stream.send_all(conn.send(h11.Data(data=response.body)))
+            await wire.send(h11.Data(data=response.body))
     else:
+        body = response.body
         try:
-            async for chunk in response.body:
+            async for chunk in body:
                 if chunk:
-                    await stream.send_all(conn.send(h11.Data(data=chunk)))
+                    await wire.send(h11.Data(data=chunk))
+        except (Stalled, trio.BrokenResourceError, ConnectionError):
+            raise
         except Exception:
             # headers are gone already: the only honest signal left is a cut connection
             log.exception("control API: streaming a response failed")
             raise trio.BrokenResourceError from None
-    await stream.send_all(conn.send(h11.EndOfMessage()))
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+    await wire.send(h11.EndOfMessage())
