@@ -39,9 +39,15 @@ class Views:
         view = await self._row(b, counters)
         view["HOSTS"] = {v["host"]: v["state"] for v in views if v["backend_id"] == b.id}
         view["IMAGES"] = [self.image_row(im.id) for im in sorted(
-            (im for im in self.pool.images.values() if im.backend_id == b.id), key=lambda i: i.id)]
+            (im for im in self.pool.images.values() if im.backend_id == b.id
+             and not self._incomplete(im.id)), key=lambda i: i.id)]
         view["ATTACHMENTS"] = [attachment_view(a) for a in attached]
         return view
+
+    def _incomplete(self, image_id: int) -> bool:
+        """A push, write or copy on its way (`Images.create(hidden=True)`): not shown."""
+        n = self.pool.nodes.get(self.pool.image_ino.get(image_id, 0))
+        return n is not None and n.parent is None
 
     def image_row(self, image_id: int) -> dict[str, Any]:
         im = self.pool.images[image_id]
