@@ -17,8 +17,8 @@ from typing import IO
 import pytest
 
 from tests.daemon import Daemon
-
-pytestmark = pytest.mark.mount
+from tm2fs.core import ROOT, Service
+from tm2fs.store import PoolStore
 
 MiB = 2**20
 
@@ -78,6 +78,7 @@ def one_clear_line(proc: subprocess.Popen[bytes]) -> str:
     return text
 
 
+@pytest.mark.mount
 @pytest.mark.slow
 @pytest.mark.logs_ok
 def test_kill9_during_push_leaves_no_image(daemon: Daemon, tmp_path: Path) -> None:
@@ -108,6 +109,7 @@ def test_kill9_during_push_leaves_no_image(daemon: Daemon, tmp_path: Path) -> No
     assert (d.mnt / "local" / "big.img").read_bytes() == b"ok" * 1000
 
 
+@pytest.mark.mount
 @pytest.mark.slow
 @pytest.mark.logs_ok
 def test_kill9_during_a_copy_across_backends_leaves_no_image(daemon: Daemon,
@@ -138,6 +140,7 @@ def test_kill9_during_a_copy_across_backends_leaves_no_image(daemon: Daemon,
         assert f.read(MiB) == b"\x33" * MiB
 
 
+@pytest.mark.mount
 @pytest.mark.slow
 @pytest.mark.logs_ok
 def test_kill9_during_write_keeps_the_old_bytes(daemon: Daemon) -> None:
@@ -163,6 +166,7 @@ def test_kill9_during_write_keeps_the_old_bytes(daemon: Daemon) -> None:
     assert len(data_files(root)) == 1
 
 
+@pytest.mark.mount
 def test_write_replaces_the_content_and_keeps_the_image(daemon: Daemon) -> None:
     """A finished write: the new bytes under the same entry (inode, mode, attachments), the old
     data gone."""
@@ -187,6 +191,7 @@ def test_write_replaces_the_content_and_keeps_the_image(daemon: Daemon) -> None:
     assert refused.returncode == 1 and "exists" in refused.stderr.decode()
 
 
+@pytest.mark.mount
 def test_write_to_an_image_open_on_the_mount_goes_in_place(daemon: Daemon) -> None:
     """An image held open here is rewritten in place (its readers see the new bytes): the one
     case where a write is not atomic, as the README says."""
@@ -198,6 +203,7 @@ def test_write_to_an_image_open_on_the_mount_goes_in_place(daemon: Daemon) -> No
         assert held.read() == b"y" * 8192
 
 
+@pytest.mark.mount
 def test_a_write_cut_short_by_the_client_changes_nothing(daemon: Daemon) -> None:
     """The client goes away mid-body: the daemon drops the hidden copy, the old bytes stay."""
     d = daemon
@@ -212,3 +218,30 @@ def test_a_write_cut_short_by_the_client_changes_nothing(daemon: Daemon) -> None
     until(lambda: len(data_files(root)) == 1)
     assert (d.mnt / "local" / "c.img").read_bytes() == b"C" * MiB
 
+
+
+async def test_reconcile_drops_only_this_host_s_hidden_images(service: Service, store: PoolStore,
+                                                              tmp_path: Path) -> None:
+    """A host's start removes the half-made images it left; another host's, still on their way,
+    are not its to touch."""
+    local = service.find_backend("local")
+    assert local.root_ino is not None
+    mine = await service.images.create(local.root_ino, "mine.img", 0o600, ROOT, size=4096,
+                                       hidden=True)
+    other = await Service(store, tmp_path / "state", host="otherhost").start()
+    try:
+        theirs = await other.images.create(local.root_ino, "theirs.img", 0o600, ROOT, size=4096,
+                                           hidden=True)
+    finally:
+        await other.stop(clean=False)
+    assert service.namespace.readdir(local.root_ino) == []
+    backing = Path((await service.backend_info("local"))["TM_RAW"]["PATH"])
+    assert len(data_files(backing)) == 2
+    fresh = await Service(store, tmp_path / "state", host="testhost").start()
+    try:
+        assert (await fresh.reconcile())["orphans"] == 1
+        assert mine.ino not in fresh.pool.nodes and theirs.ino in fresh.pool.nodes
+        assert len(data_files(backing)) == 1
+        assert (await fresh.reconcile())["orphans"] == 0
+    finally:
+        await fresh.stop(clean=False)
