@@ -284,6 +284,14 @@ class Actions:
             with trio.CancelScope(shield=True):
                 await quietly(self.placing.unreserve(reservation))
             raise
+        if n is not None and n.image_id is not None and n.image_id not in self.pool.open:
+            image_id, where = n.image_id, n.name  # another host writing it: refused now, not
+            try:                                  # after the whole transfer
+                await self.pool.read(lambda tx: self.leases.not_elsewhere_in(tx, image_id, where))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await quietly(self.placing.unreserve(reservation))
+                raise
         if n is not None and n.image_id in self.pool.open:
             await self.placing.unreserve(reservation)
             of = await self.files.open(n.ino, caller, writable=True, truncate=True)
