@@ -266,9 +266,8 @@ async def write(svc: Service, req: Request) -> Any:
     caller = caller_of(req)
     push = mode == "push"
     size = parse_size(req.query.get("size") or 0)  # what placement reserves for a new image
-    of = await svc.open_address(address, caller, writable=True, create=True, exclusive=push,
-                                truncate=True, size=size, place=_place(req.query))
-    address = svc.address_of(of.image.ino)
+    # the bytes go to a hidden image, named (or swapped in) only once complete and synced
+    up = await svc.open_upload(address, caller, push, size, _place(req.query))
     done = 0
     try:
         buf = bytearray()
@@ -279,22 +278,14 @@ async def write(svc: Service, req: Request) -> Any:
                 batch.append(bytes(buf))
                 buf.clear()
                 if len(batch) == STREAM_DEPTH:
-                    done = await write_chunks(svc, of, done, batch)
+                    done = await write_chunks(svc, up.file, done, batch)
                     batch.clear()
-        done = await write_chunks(svc, of, done, [*batch, bytes(buf)])
-        if of.image.size != done:  # trailing zeros were skipped, or fewer than announced
-            await svc.setattr(of.image.ino, caller, size=done)
-        await svc.fsync(of)
+        done = await write_chunks(svc, up.file, done, [*batch, bytes(buf)])
     except BaseException:
         with trio.CancelScope(shield=True):
-            await svc.release(of)
-            if push:  # a failed push leaves nothing half-made
-                try:
-                    await svc.delete(address, caller)
-                except err.Tm2Error as e:
-                    log.error("could not remove half-pushed %s: %s", address, e.message)
+            await svc.abort_upload(up)
         raise
-    await svc.release(of)
+    address = await svc.finish_upload(up, done)
     return Response.json(await svc.image_info(address, caller), 201 if push else 200)
 
 

@@ -30,6 +30,16 @@ class Client:
         return Tm2Error(f"cannot reach the tm2fs daemon at {self.path}: {e.__class__.__name__}",
                         "is it running? (systemctl status tm2fs) or set TM2FS_SOCKET / --socket")
 
+    def _cut(self, e: Exception, what: str) -> Tm2Error:
+        """The connection went after the request began: the daemon died or was restarted."""
+        if isinstance(e, httpx.TimeoutException):
+            return Tm2Error(f"the daemon did not answer {what} in time ({e.__class__.__name__})",
+                            "check the daemon's log; `tm2 info` shows what is there")
+        return Tm2Error(f"the daemon closed the connection during the transfer of {what} "
+                        f"({e.__class__.__name__}); a push, write or copy cut short leaves the "
+                        "image as it was (nothing was changed)",
+                        "check the daemon (systemctl status tm2fs) and run the command again")
+
     def _check(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:
             response.read()
@@ -45,6 +55,8 @@ class Client:
             response = self.http.request(method, path, json=json, params=params)
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as e:
             raise self._unreachable(e) from None
+        except httpx.TransportError as e:
+            raise self._cut(e, f"{method} {path}") from None
         self._check(response)
         if response.status_code == 204 or not response.content:
             return None
@@ -82,4 +94,6 @@ class Client:
                                      content=chunks)
         except (httpx.ConnectError, FileNotFoundError) as e:
             raise self._unreachable(e) from None
+        except httpx.TransportError as e:
+            raise self._cut(e, address) from None
         return self._check(response).json()

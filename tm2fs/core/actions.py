@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -24,12 +25,29 @@ from .images import Images
 from .leases import Leases
 from .namespace import Namespace
 from .openfiles import OpenFile, OpenFiles
-from .permissions import EXEC, READ, check
+from .permissions import EXEC, READ, WRITE, check
 from .placing import Placing
 from .pool import Pool
 from .streams import copy_data
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Upload:
+    """A push, write or copy on its way: the open hidden image (or, `staged` False, the image
+    itself), and where it goes when complete."""
+
+    file: OpenFile
+    address: str
+    parent: int
+    name: str
+    mode: int
+    caller: Caller
+    replaces: Node | None = None  # the image whose bytes this replaces (a write)
+    staged: bool = True
+    released: bool = False
+    done: bool = False
 
 
 class Actions:
@@ -208,7 +226,8 @@ class Actions:
     async def _copy_across(self, sn: Node, parent: int, name: str, caller: Caller,
                            progress: Progress | None, reservation: int | None,
                            key: str | None) -> None:
-        """Stream between two backends' handles; zero chunks are skipped so thin stays thin."""
+        """Stream between two backends' handles into a hidden image, named once complete and
+        synced; zero chunks are skipped so thin stays thin."""
         try:
             src_of = await self.files.open(sn.ino, caller, writable=False)
         except BaseException:
@@ -217,21 +236,106 @@ class Actions:
             raise
         try:
             size = src_of.image.size
-            attr = await self.images.create(parent, name, sn.mode & 0o777, caller, size=size,
-                                            reservation=reservation, key=key)
-            dst_of = await self.files.open(attr.ino, caller, writable=True)
+            attr = await self.images.create(parent, name, 0o600, caller, size=size,
+                                            reservation=reservation, key=key, hidden=True)
+            up = Upload(await self._open_hidden(attr.ino, caller), name, parent, name,
+                        sn.mode & 0o777, caller)
             try:
-                await copy_data(self.files, src_of, dst_of, size, progress)
-                await self.files.fsync(dst_of)
+                await copy_data(self.files, src_of, up.file, size, progress)
+                await self._complete(up, size)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self.files.release(dst_of)
-                    await quietly(self.ns.unlink(parent, name, ROOT))
+                    await self.abort_upload(up)
                 raise
-            await self.files.release(dst_of)
         finally:
             with trio.CancelScope(shield=True):
                 await self.files.release(src_of)
+
+    async def _open_hidden(self, ino: int, caller: Caller) -> OpenFile:
+        try:
+            return await self.files.open(ino, caller, writable=True)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.images.discard(ino))
+            raise
+
+    async def open_upload(self, address: str, caller: Caller, push: bool, size: int = 0,
+                          place: dict[str, Any] | None = None) -> Upload:
+        """A push (new image only) or write (replace, creating if missing): the bytes go to a
+        hidden image that `finish_upload` names, or whose data the old image takes, at the end.
+        An image open on this host is rewritten in place instead (its readers see the writes)."""
+        reservation = key = None
+        if parse_address(address)[0] == AUTO:
+            address, reservation, key = await self._target(address, caller, size, place,
+                                                           role="REPOSITORY")
+        try:
+            _, _, n = self.resolve(address, caller)
+            if n is None:
+                _, parent, name = self.parent_of(address, caller)
+            elif push:
+                raise err.Exists(f"{address} exists", "delete it first or choose another name")
+            elif n.image_id is None:
+                raise (err.IsADirectory if n.is_dir else err.InvalidArgument)(
+                    f"{address} is not an image")
+            else:
+                check(caller, n, READ | WRITE)
+                assert n.parent is not None
+                parent, name = n.parent, n.name
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await quietly(self.placing.unreserve(reservation))
+            raise
+        if n is not None and n.image_id is not None and n.image_id not in self.pool.open:
+            image_id, where = n.image_id, n.name  # another host writing it: refused now, not
+            try:                                  # after the whole transfer
+                await self.pool.read(lambda tx: self.leases.not_elsewhere_in(tx, image_id, where))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await quietly(self.placing.unreserve(reservation))
+                raise
+        if n is not None and n.image_id in self.pool.open:
+            await self.placing.unreserve(reservation)
+            of = await self.files.open(n.ino, caller, writable=True, truncate=True)
+            return Upload(of, address, parent, name, n.mode, caller, replaces=n, staged=False)
+        # a replacement is the old image's, not a new entry of the caller's in the directory
+        maker = caller if n is None else ROOT
+        attr = await self.images.create(parent, name, 0o600, maker, size=size,
+                                        reservation=reservation, key=key, hidden=True)
+        return Upload(await self._open_hidden(attr.ino, maker), address, parent, name, 0o600,
+                      maker, replaces=n)
+
+    async def finish_upload(self, up: Upload, size: int) -> str:
+        """The bytes are all there: cut to `size`, synced, then visible; the final address."""
+        try:
+            await self._complete(up, size)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.abort_upload(up)
+            raise
+        return self.address_of(up.replaces.ino if up.replaces else up.file.image.ino)
+
+    async def _complete(self, up: Upload, size: int) -> None:
+        of = up.file
+        if of.image.size != size:  # trailing zeros were skipped, or fewer than announced
+            await self.images.setattr(of.image.ino, up.caller, size=size)
+        await self.files.fsync(of)
+        up.released = True
+        await self.files.release(of)
+        if not up.staged:
+            return
+        if up.replaces is None:
+            await self.images.publish(of.image.ino, up.parent, up.name, up.mode, up.caller)
+        else:
+            await self.images.replace_with(up.replaces, of.image.ino, up.caller)
+        up.done = True
+
+    async def abort_upload(self, up: Upload) -> None:
+        """A transfer that failed: its hidden image goes; the old one, if any, is untouched."""
+        if not up.released:
+            up.released = True
+            await self.files.release(up.file)
+        if up.staged and not up.done:
+            await quietly(self.images.discard(up.file.image.ino))
 
     async def open_address(self, address: str, caller: Caller, writable: bool,
                            create: bool = False, exclusive: bool = False,

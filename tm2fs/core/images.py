@@ -6,6 +6,12 @@ then one transaction adds the image and its name and drops the reservation. A cr
 leaves a reserved key that `recovery.py` sweeps; any failure gives back the reservation and the
 data. A size change is promised like a new image (growth reserves) and committed after the driver
 made it.
+
+An image filled after it is made (a push, a write, a copy across backends) is made `hidden`: its
+entry is outside the tree (no parent, named `HOST/KEY`, a name no directory entry can have), so no
+lookup, readdir or address finds it. When its bytes are complete and synced, one transaction
+either names it (`publish`) or hands its data to the image it replaces (`replace_with`); a crash
+before that leaves only the hidden entry, which the host's next reconcile removes.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ log = logging.getLogger(__name__)
 RATE_FLOOR = 8 * 2**20  # bytes/s: whole-image work slower than this is presumed hung
 
 
+def incomplete_name(host: str, key: str) -> str:
+    """The name of a hidden image's entry: its host (whose reconcile removes it if the host
+    crashed) and key. A '/' no directory entry can have."""
+    return f"{host}/{key}"
+
+
 def whole_image_timeout(b: Backend, size: int) -> float:
     """A clone or copy may take as long as its size needs at a slow but live pace."""
     return b.timeout + size / RATE_FLOOR
@@ -55,12 +67,15 @@ class Images:
 
     async def create(self, parent: int, name: str, mode: int, caller: Caller, size: int = 0,
                      reservation: int | None = None, key: str | None = None,
-                     source: Node | None = None, progress: Progress | None = None) -> Attr:
+                     source: Node | None = None, progress: Progress | None = None,
+                     hidden: bool = False) -> Attr:
         """A new image of `size` bytes in directory `parent`: allocated, or cloned from `source`
-        (an image on the same backend). `reservation`/`key`: placement reserved already."""
+        (an image on the same backend). `reservation`/`key`: placement reserved already.
+        `hidden`: made outside the tree, to be filled and then named by `publish`."""
         check_name(name)
         p, b = self.ns.dir_for_change(parent, caller)
-        self.ns.free_name(parent, name)
+        if not hidden:
+            self.ns.free_name(parent, name)
         key = key or uuid.uuid4().hex
         try:
             if reservation is None:
@@ -81,6 +96,11 @@ class Images:
         def work(tx: Tx) -> int:
             tx.delete_reservation(reservation)
             image_id = tx.insert_image(b.id, key, size)
+            if hidden:
+                return tx.insert_node(parent=None, name=incomplete_name(self.pool.host, key),
+                                      backend_id=b.id, mode=stat.S_IFREG | 0o600, uid=caller.uid,
+                                      gid=gid, atime_ns=t, mtime_ns=t, ctime_ns=t,
+                                      image_id=image_id)
             ino = tx.insert_node(parent=parent, name=name, backend_id=b.id, mode=kind,
                                  uid=caller.uid, gid=gid, atime_ns=t, mtime_ns=t, ctime_ns=t,
                                  image_id=image_id)
@@ -98,6 +118,69 @@ class Images:
             raise
         self.pool.stale.add(b.id)
         return self.ns.attr(self.ns.get(ino))
+
+    async def publish(self, ino: int, parent: int, name: str, mode: int, caller: Caller) -> Attr:
+        """A hidden image, complete and synced, takes its name in one transaction."""
+        check_name(name)
+        self.ns.dir_for_change(parent, caller)
+        self.ns.free_name(parent, name)
+        t = now_ns()
+        kind = stat.S_IFREG | (mode & 0o7777)
+
+        def work(tx: Tx) -> None:
+            if tx.child(parent, name) is not None:  # another host took the name meanwhile
+                raise err.Exists(f"{name} exists")
+            tx.update_node(ino, parent=parent, name=name, mode=kind, mtime_ns=t, ctime_ns=t)
+            tx.update_node(parent, mtime_ns=t, ctime_ns=t)
+
+        await self.pool.write(work, caller)
+        return self.ns.attr(self.ns.get(ino))
+
+    async def replace_with(self, old: Node, ino: int, caller: Caller) -> None:
+        """The image of entry `old` takes the data of hidden image `ino` in one transaction: the
+        entry, its inode, owner, mode and attachments stay; its old data goes after the commit."""
+        staged = self.ns.get(ino)
+        assert old.image_id is not None and staged.image_id is not None
+        image_id, staged_id = old.image_id, staged.image_id
+        if image_id in self.pool.open:
+            raise err.Busy(f"{old.name} was opened during the write; it is unchanged",
+                           "close it and write again")
+        t = now_ns()
+
+        def work(tx: Tx) -> str:
+            now = tx.node(old.ino)
+            if now is None or now.image_id != image_id:
+                raise err.NotFound(f"{old.name} was removed or replaced during the write")
+            if image_id in self.pool.open:
+                raise err.Busy(f"{old.name} was opened during the write; it is unchanged")
+            self.leases.not_elsewhere_in(tx, image_id, old.name)
+            before, new = tx.image(image_id), tx.image(staged_id)
+            assert before is not None and new is not None
+            tx.delete_node(ino)
+            tx.delete_image(staged_id)
+            tx.set_image_data(image_id, new.key, new.size)
+            tx.update_node(old.ino, mtime_ns=t, ctime_ns=t)
+            return before.key
+
+        key = await self.pool.write(work, caller)
+        await self.backends.delete_data(self.backends.get(staged.backend_id or 0), key)
+
+    async def discard(self, ino: int) -> None:
+        """A hidden image given up on (its transfer failed): its rows and its data go."""
+        n = self.pool.nodes.get(ino)
+        if n is None or n.parent is not None or n.image_id is None:
+            return
+        image_id = n.image_id
+
+        def work(tx: Tx) -> str | None:
+            im = tx.image(image_id)
+            tx.delete_node(ino)
+            tx.delete_image(image_id)
+            return im.key if im else None
+
+        key = await self.pool.write(work)
+        if key is not None and n.backend_id is not None:
+            await self.backends.delete_data(self.backends.get(n.backend_id), key)
 
     async def _clone_data(self, b: Backend, source: Node, key: str, size: int,
                           progress: Progress | None) -> None:

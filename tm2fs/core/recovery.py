@@ -1,7 +1,8 @@
 """After a crash: the pool store and the backends brought back in line, before the mount opens.
 
 Creates cut short leave reservations (dropped) and keys no image names (swept, unless a create in
-progress on another host holds them); unlinks cut short leave images no entry names (dropped with
+progress on another host holds them); pushes, writes and copies cut short leave hidden images
+(dropped with their data); unlinks cut short leave images no entry names (dropped with
 their data); sizes are re-read from the drivers; links on the mount that vanished end their
 attachments; leases of files that were open go (those of attachments stay).
 """
@@ -56,11 +57,12 @@ class Recovery:
             return orphans
 
         orphans = await self.pool.write(work)
+        incomplete = await self._drop_incomplete()  # counted as orphans: no name names them
         for im in orphans:
             b = self.backends.by_id.get(im.backend_id)
             if b:
                 await self.backends.delete_data(b, im.key)
-        fixed["orphans"] = len(orphans)
+        fixed["orphans"] = len(orphans) + incomplete
         for b in list(self.backends.by_id.values()):
             if b.state in ("READY", "DISABLED"):
                 try:
@@ -70,6 +72,29 @@ class Recovery:
         if any(fixed.values()):
             log.info("reconciled the pool store: %s", fixed)
         return fixed
+
+    async def _drop_incomplete(self) -> int:
+        """Pushes, writes and copies this host was making when it died: their hidden images
+        (`Images.create(hidden=True)`) go, rows then data. Other hosts' are theirs to finish."""
+        mine = f"{self.pool.host}/"
+
+        def work(tx: Tx) -> list[tuple[int, str]]:
+            gone = []
+            for n in tx.detached_nodes():
+                if n.name.startswith(mine) and n.image_id is not None:
+                    im = tx.image(n.image_id)
+                    tx.delete_node(n.ino)
+                    tx.delete_image(n.image_id)
+                    if im is not None:
+                        gone.append((im.backend_id, im.key))
+            return gone
+
+        gone = await self.pool.write(work)
+        for backend_id, key in gone:
+            b = self.backends.by_id.get(backend_id)
+            if b:
+                await self.backends.delete_data(b, key)
+        return len(gone)
 
     async def _sweep(self, backend_id: int, fixed: dict[str, int]) -> None:
         b = self.backends.get(backend_id)

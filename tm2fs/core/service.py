@@ -15,7 +15,7 @@ from typing import Any
 from ..drivers.base import Capacity, Progress
 from ..model import ROOT, Attr, Caller
 from ..store import PoolStore
-from .actions import Actions
+from .actions import Actions, Upload
 from .admin import Admin
 from .backends import Backends
 from .images import Images
@@ -252,6 +252,16 @@ class Service:
                            place: dict[str, Any] | None = None) -> OpenFile:
         return await self.actions.open_address(address, caller, writable, create, exclusive,
                                                truncate, size, place)
+
+    async def open_upload(self, address: str, caller: Caller, push: bool, size: int = 0,
+                          place: dict[str, Any] | None = None) -> Upload:
+        return await self.actions.open_upload(address, caller, push, size, place)
+
+    async def finish_upload(self, up: Upload, size: int) -> str:
+        return await self.actions.finish_upload(up, size)
+
+    async def abort_upload(self, up: Upload) -> None:
+        await self.actions.abort_upload(up)
 
     async def attach(self, address: str, path: str, caller: Caller,
                      host: str | None = None) -> dict[str, Any]:

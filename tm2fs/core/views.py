@@ -43,11 +43,17 @@ class Views:
         view = await self._row(b, counters)
         view["HOSTS"] = {v["host"]: v["state"] for v in views if v["backend_id"] == b.id}
         shown = {im.id for im in self.pool.images.values()
-                 if im.backend_id == b.id and self._sees(caller, im.id)}
+                 if im.backend_id == b.id and not self._incomplete(im.id)
+                 and self._sees(caller, im.id)}
         view["IMAGES"] = [self.image_row(i, caller) for i in sorted(shown)]
         view["ATTACHMENTS"] = [attachment_view(a) for a in attached
                                if a.image_id in shown or a.uid == caller.uid]
         return view
+
+    def _incomplete(self, image_id: int) -> bool:
+        """A push, write or copy on its way (`Images.create(hidden=True)`): not shown."""
+        n = self.pool.nodes.get(self.pool.image_ino.get(image_id, 0))
+        return n is not None and n.parent is None
 
     def _sees(self, caller: Caller, image_id: int) -> bool:
         ino = self.pool.image_ino.get(image_id)

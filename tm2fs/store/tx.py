@@ -415,6 +415,17 @@ class Tx:
         self._x("UPDATE image SET size = ? WHERE id = ?", (size, image_id))
         self.touched_images.add(image_id)
 
+    def set_image_data(self, image_id: int, key: str, size: int) -> None:
+        """An image takes other data (a replacing write): its key and size change together."""
+        self._x('UPDATE image SET "key" = ?, size = ? WHERE id = ?', (key, size, image_id))
+        self.touched_images.add(image_id)
+
+    def detached_nodes(self) -> list[Node]:
+        """Entries outside the tree (the root aside): images being filled (`Images.create`)."""
+        rows = self._x(f"SELECT {NODE_COLS} FROM namespace WHERE parent IS NULL "
+                       "AND backend_id IS NOT NULL")
+        return [Node(*r) for r in rows.fetchall()]
+
     def delete_image(self, image_id: int) -> None:
         self._x("DELETE FROM lease WHERE image_id = ?", (image_id,))
         self._x("DELETE FROM attachment WHERE image_id = ?", (image_id,))
