@@ -7,13 +7,14 @@ start, in one transaction.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
@@ -22,6 +23,8 @@ schema_info = sa.Table(
     "schema_info", meta,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("version", sa.Integer, nullable=False),
+    # the pool's identity: backends' directories carry it in their marker (core/ownership.py)
+    sa.Column("pool_id", sa.String(32)),
 )
 
 backend = sa.Table(
@@ -138,7 +141,17 @@ def _v1_to_v2(c: sa.Connection) -> None:
                           f"NOT NULL DEFAULT {default}")
 
 
+def new_pool_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _v2_to_v3(c: sa.Connection) -> None:
+    """The pool's identity, so a backend's directory can say which pool it belongs to."""
+    c.exec_driver_sql("ALTER TABLE schema_info ADD COLUMN pool_id VARCHAR(32)")
+    c.execute(schema_info.update().values(pool_id=new_pool_id()))
+
+
 # Migrations from version N to N+1; a new schema version appends one function here.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3]
 
 
