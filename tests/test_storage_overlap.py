@@ -158,6 +158,21 @@ async def test_update_to_another_backend_s_path_is_refused(service: Service, tmp
     assert marker(tmp_path / "b2new")["backend"] == service.find_backend("b2").id
 
 
+async def test_a_backend_another_host_just_added_counts(service: Service, store: PoolStore,
+                                                       tmp_path: Path) -> None:
+    """A row this host has not heard of yet is checked in the create's own transaction."""
+    with store.begin() as tx:  # as another daemon on the same pool store would add it
+        tx.insert_backend(tm="dir", tm_raw={"PATH": str(tmp_path / "theirs")}, state="READY",
+                          name="theirs", root_ino=0)
+    assert "theirs" not in [b["NAME"] for b in await service.list_backends()]
+    with pytest.raises(err.InvalidArgument, match="is inside the directory of backend theirs"):
+        await dir_backend(service, "b2", tmp_path / "theirs" / "sub")
+    with pytest.raises(err.InvalidArgument, match="is the directory of backend theirs"):
+        await service.update_backend(ROOT, "local", {"TM_RAW": f"PATH={tmp_path}/theirs"})
+    with store.read() as tx:
+        assert [b.name for b in tx.backends()] == ["local", "theirs"]
+
+
 async def test_a_directory_with_another_s_images_or_marker_is_refused(service: Service,
                                                                       tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
@@ -249,7 +264,7 @@ async def test_sweep_without_marker_and_with_unknown_files_deletes_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     await dir_backend(service, "b1", tmp_path / "b1")
     await write_all(service, "b1:disk", b"mine")
-    (tmp_path / "b1" / MARKER).unlink()  # a pool made before markers
+    (tmp_path / "b1" / MARKER).unlink(missing_ok=True)  # a pool made before markers
     (tmp_path / "b1" / FOREIGN).write_bytes(b"not known to this pool")
     assert (await fresh_reconcile(store, tmp_path))["leftovers"] == 0
     assert (tmp_path / "b1" / FOREIGN).read_bytes() == b"not known to this pool"
@@ -275,7 +290,7 @@ async def test_marker_less_directory_of_known_images_is_claimed_and_swept(
     marker at start, and from then on leftovers are swept as before."""
     await dir_backend(service, "b1", tmp_path / "b1")
     await write_all(service, "b1:disk", b"mine")
-    (tmp_path / "b1" / MARKER).unlink()
+    (tmp_path / "b1" / MARKER).unlink(missing_ok=True)
     assert (await fresh_reconcile(store, tmp_path))["leftovers"] == 0
     assert marker(tmp_path / "b1") == {"pool": pool_id(store),
                                        "backend": service.find_backend("b1").id}
@@ -308,7 +323,7 @@ def test_daemon_keeps_the_first_backend_s_data(tmp_path: Path,
         # a directory whose marker is gone and that holds a file the pool does not know: the
         # sweep at the next start deletes nothing there, and says why
         d.stop()
-        (shared / MARKER).unlink()
+        (shared / MARKER).unlink(missing_ok=True)
         (shared / FOREIGN).write_bytes(b"another pool's disk")
         d.start()
         assert (shared / FOREIGN).read_bytes() == b"another pool's disk"

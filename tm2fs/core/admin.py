@@ -76,6 +76,20 @@ class Admin:
         await ownership.in_thread(check, timeout, f"checking the directory of backend {name}")
         return directory
 
+    def _recheck(self, tx: Tx, tm: str, tm_raw: dict[str, Any], name: str,
+                 backend_id: int | None = None) -> None:
+        """In the transaction, as written: a backend another host or call added since the
+        check also counts (the check with real paths ran before, in a thread)."""
+        directory = self.storage_dir(tm, tm_raw)
+        if directory is None:
+            return
+        for other in tx.backends():
+            d = self.storage_dir(other.tm, other.tm_raw)
+            how = None if d is None or other.id == backend_id else ownership.spelled_relation(
+                directory, d)
+            if d is not None and how is not None:
+                raise ownership.overlap(f"{tm} backend {name}: PATH", directory, how, other.name, d)
+
     async def _mark(self, tm: str, name: str, backend_id: int, directory: str | None,
                     timeout: float) -> None:
         """The marker that lets the crash sweep work in the directory (if this one fails, the
@@ -143,6 +157,7 @@ class Admin:
         def work(tx: Tx) -> int:
             if tx.backend_by_name(name):
                 raise err.Exists(f"a backend named {name!r} exists")
+            self._recheck(tx, tm, tm_raw, name)
             bid = tx.insert_backend(tm=tm, tm_raw=tm_raw, state="READY", total=total, free=free,
                                     used=used, monitored=time.time(), root_ino=0, **values)
             root = tx.insert_node(
@@ -207,6 +222,8 @@ class Admin:
                 if tx.backend_by_name(new_name):
                     raise err.Exists(f"a backend named {new_name!r} exists")
                 tx.update_node(b.root_ino, name=new_name)
+            if "tm_raw" in values:
+                self._recheck(tx, b.tm, values["tm_raw"], b.name, b.id)
             if node_values:
                 tx.update_node(b.root_ino, ctime_ns=now_ns(), **node_values)
             if values:

@@ -80,14 +80,23 @@ def _lineage(path: str) -> set[tuple[int, int]]:
         path = up
 
 
-def _relation(path: str, other: str) -> str | None:
-    """How `path` overlaps `other` (both real paths): 'is', 'is inside', 'contains' or None."""
+def spelled_relation(path: str, other: str) -> str | None:
+    """How `path` overlaps `other` as written (no syscalls): 'is', 'is inside', 'contains'."""
+    path, other = os.path.normpath(path), os.path.normpath(other)
     if path == other:
         return "is"
     if _inside(path, other):
         return "is inside"
     if _inside(other, path):
         return "contains"
+    return None
+
+
+def _relation(path: str, other: str) -> str | None:
+    """How `path` overlaps `other` (both real paths): 'is', 'is inside', 'contains' or None."""
+    spelled = spelled_relation(path, other)
+    if spelled is not None:
+        return spelled
     mine, theirs = _identity(path), _identity(other)
     if mine is not None and mine == theirs:
         return "is"  # the same directory by another way (a bind mount)
@@ -115,15 +124,16 @@ def check_place(what: str, path: str, others: Iterable[tuple[str, str]], state_d
             raise err.InvalidArgument(f"{what} {path!r} {how} the daemon's state directory {state}",
                                       "a backend's directory must be its own")
     for name, other in others:
-        how = _relation(real, os.path.realpath(other))
-        if how is None:
-            how = _relation(os.path.normpath(path), os.path.normpath(other))
+        how = _relation(real, os.path.realpath(other)) or spelled_relation(path, other)
         if how is not None:
-            how = "is the directory of" if how == "is" else f"{how} the directory of"
-            raise err.InvalidArgument(
-                f"{what} {path!r} {how} backend {name} ({other})",
-                "backends must not share storage: the crash sweep of one would delete the "
-                "other's images; give this backend a directory of its own")
+            raise overlap(what, path, how, name, other)
+
+
+def overlap(what: str, path: str, how: str, name: str, other: str) -> err.InvalidArgument:
+    how = "is the directory of" if how == "is" else f"{how} the directory of"
+    return err.InvalidArgument(f"{what} {path!r} {how} backend {name} ({other})",
+                               "backends must not share storage: the crash sweep of one would "
+                               "delete the other's images; give this backend a directory of its own")
 
 
 # ------------------------------------------------------------------------------ marker
