@@ -154,8 +154,14 @@ async def test_update_to_another_backend_s_path_is_refused(service: Service, tmp
         assert (await service.backend_info("b2"))["TM_RAW"]["PATH"] == str(tmp_path / "b2")
     # its own directory is no overlap; a new empty one gets the marker
     await service.update_backend(ROOT, "b2", {"TM_RAW": f"PATH={tmp_path}/b2"})
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / FOREIGN).write_bytes(b"someone's disk")
+    with pytest.raises(err.InvalidArgument, match=r"1 image file\(s\) this backend did not make"):
+        await service.update_backend(ROOT, "b2", {"TM_RAW": f"PATH={tmp_path}/full"})
     await service.update_backend(ROOT, "b2", {"TM_RAW": f"PATH={tmp_path}/b2new"})
     assert marker(tmp_path / "b2new")["backend"] == service.find_backend("b2").id
+    assert not (tmp_path / "b2" / MARKER).exists()  # the old directory is free again
+    await dir_backend(service, "b3", tmp_path / "b2")
 
 
 async def test_a_backend_another_host_just_added_counts(service: Service, store: PoolStore,

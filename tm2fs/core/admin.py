@@ -115,6 +115,19 @@ class Admin:
             raise err.InvalidArgument(f"checking TM_RAW of {name} timed out after {timeout:g}s",
                                       "is the storage reachable? nothing was changed") from None
 
+    async def _unmark(self, name: str, backend_id: int, directory: str | None,
+                      timeout: float) -> None:
+        """Drop the backend's marker from a directory it no longer uses."""
+        if directory is None:
+            return
+        pool_id = await self.pool_id()
+        try:
+            await ownership.in_thread(
+                lambda: ownership.remove_marker(directory, pool_id, backend_id), timeout,
+                f"unmarking the directory of backend {name}")
+        except (OSError, err.Tm2Error) as e:
+            log.error("backend %s: could not remove its marker in %s: %s", name, directory, e)
+
     async def create(self, caller: Caller, spec: dict[str, Any]) -> int:
         """Validate everything, reach the storage once, then add the row."""
         require_root(caller, "create backends")
@@ -232,6 +245,8 @@ class Admin:
         await self.pool.write(work)
         if directory is not None and moved:
             await self._mark(b.tm, b.name, b.id, directory, b.timeout)
+        if moved:  # the old directory may serve another backend now
+            await self._unmark(b.name, b.id, self.storage_dir(b.tm, b.tm_raw), b.timeout)
         if "tm_raw" in values or "capacity" in values:
             await self.backends.monitor(b.id)
         return b.id
@@ -275,13 +290,5 @@ class Admin:
                 except (OSError, trio.TooSlowError) as e:
                     log.error("backend %s: could not delete image data %s: %s", b.name, im.key, e)
         await self.backends.stop_retired()  # the delta retired its runtime
-        directory = self.storage_dir(b.tm, b.tm_raw)
-        if directory is not None:
-            pool_id = await self.pool_id()
-            try:
-                await ownership.in_thread(
-                    lambda: ownership.remove_marker(directory, pool_id, b.id), b.timeout,
-                    f"unmarking the directory of backend {b.name}")
-            except (OSError, err.Tm2Error) as e:
-                log.error("backend %s: could not remove its marker in %s: %s", b.name, directory, e)
+        await self._unmark(b.name, b.id, self.storage_dir(b.tm, b.tm_raw), b.timeout)
         log.info("backend %s (%d) deleted", b.name, b.id)
