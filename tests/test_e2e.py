@@ -112,9 +112,9 @@ def test_every_action_both_ways(daemon: Daemon, tmp_path: Path) -> None:
     assert sorted(os.listdir(mnt / "local")) == ["a.img", "clone1", "vm-42"]
     backends = daemon.backends()
     assert (backends["local"]["NBIMAGE"], backends["second"]["NBIMAGE"]) == (3, 2)
-    assert sorted(os.listdir(tmp_path / "second")) == sorted(
+    assert sorted(os.listdir(tmp_path / "second")) == sorted([".tm2fs-backend", *(  # the marker
         i["KEY"] for i in json.loads(
-            ok(daemon.backend_cli("show", "second", "--json")))["IMAGES"])
+            ok(daemon.backend_cli("show", "second", "--json")))["IMAGES"])])
 
 
 def test_free_and_used_follow_writes(daemon: Daemon) -> None:

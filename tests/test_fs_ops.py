@@ -290,9 +290,9 @@ async def test_unlink_removes_the_data(ops: fs.Operations, tmp_path: Path) -> No
     local = await local_ino(ops)
     await make_file(ops, local, b"img", b"data")
     backing = tmp_path / "backends" / "local"
-    assert len(os.listdir(backing)) == 1
+    assert len(os.listdir(backing)) == 2  # the image and the backend's marker
     await ops.unlink(local, b"img", CTX)
-    assert os.listdir(backing) == []
+    assert os.listdir(backing) == [".tm2fs-backend"]
     assert await errno_of(ops.lookup(local, b"img", CTX)) == errno.ENOENT
     assert await errno_of(ops.unlink(local, b"img", CTX)) == errno.ENOENT
 
@@ -304,9 +304,9 @@ async def test_unlink_while_open_keeps_data_until_release(ops: fs.Operations,
     fi = await ops.open(ino, os.O_RDONLY, CTX)
     await ops.unlink(local, b"img", CTX)
     assert await ops.read(fi.fh, 0, 100) == b"still here"
-    assert len(os.listdir(tmp_path / "backends" / "local")) == 1
+    assert len(os.listdir(tmp_path / "backends" / "local")) == 2  # with the marker
     await ops.release(fi.fh)
-    assert os.listdir(tmp_path / "backends" / "local") == []
+    assert os.listdir(tmp_path / "backends" / "local") == [".tm2fs-backend"]
 
 
 async def test_rename_inside_a_backend_is_metadata_only(ops: fs.Operations, svc: Service,
@@ -321,12 +321,12 @@ async def test_rename_inside_a_backend_is_metadata_only(ops: fs.Operations, svc:
     assert moved.st_ino == ino
     info = await svc.image_info("local:vm/b.img", ROOT)
     assert (info["KEY"], info["SIZE"]) == (key, 7)
-    assert os.listdir(tmp_path / "backends" / "local") == [key]
+    assert sorted(os.listdir(tmp_path / "backends" / "local")) == [".tm2fs-backend", key]
     # replacing an existing file drops the old image's data
     await make_file(ops, local, b"c.img", b"other")
     await ops.rename(d.st_ino, b"b.img", local, b"c.img", 0, CTX)
     assert (await svc.image_info("local:c.img", ROOT))["KEY"] == key
-    assert os.listdir(tmp_path / "backends" / "local") == [key]
+    assert sorted(os.listdir(tmp_path / "backends" / "local")) == [".tm2fs-backend", key]
 
 
 async def test_rename_flags(ops: fs.Operations) -> None:
@@ -346,7 +346,7 @@ async def test_rename_flags(ops: fs.Operations) -> None:
 
 async def test_rename_across_backends_is_exdev(ops: fs.Operations, svc: Service,
                                                tmp_path: Path) -> None:
-    await svc.create_backend(ROOT, {"NAME": "b2", "TM": "dir", "TM_RAW": f"PATH={tmp_path}/b2"})
+    await svc.create_backend(ROOT, {"NAME": "b2", "TM": "dir", "TM_RAW": f"PATH={tmp_path}/backends/b2"})
     local = await local_ino(ops)
     b2 = (await ops.lookup(pyfuse3.ROOT_INODE, b"b2", CTX)).st_ino
     await make_file(ops, local, b"img", b"data")
@@ -433,7 +433,7 @@ async def test_disabled_backend_is_read_only(ops: fs.Operations, svc: Service) -
 @pytest.mark.logs_ok  # the service logs the backend's fall to ERROR
 async def test_error_backend_answers_eio_and_the_rest_works(ops: fs.Operations, svc: Service,
                                                             tmp_path: Path) -> None:
-    await svc.create_backend(ROOT, {"NAME": "b2", "TM": "dir", "TM_RAW": f"PATH={tmp_path}/b2"})
+    await svc.create_backend(ROOT, {"NAME": "b2", "TM": "dir", "TM_RAW": f"PATH={tmp_path}/backends/b2"})
     local = await local_ino(ops)
     b2 = (await ops.lookup(pyfuse3.ROOT_INODE, b"b2", CTX)).st_ino
     ino = await make_file(ops, local, b"img", b"data")

@@ -64,7 +64,7 @@ def test_eleven_actions_on_a_legacy_backend(daemon: Daemon, tmp_path: Path, conf
     expected = data[:MiB] + b"X" * 4096 + data[MiB + 4096:]
     assert disk.read_bytes() == expected
     ok(daemon.tm2("delete", "old:base.img"))  # delete (DELETE)
-    files = sorted(p.name for p in images.iterdir())
+    files = sorted(p.name for p in images.iterdir() if p.name != ".tm2fs-backend")  # not the marker
     assert len(files) == 2 and not any(".tmp-" in f for f in files)
     b = daemon.backends()["old"]
     assert (b["NBIMAGE"], b["NBVM"], b["STATE"]) == (2, 0, "READY")
@@ -84,7 +84,7 @@ def test_a_failing_script_is_heard_and_a_hanging_one_stopped(daemon: Daemon, tmp
     refused = daemon.tm2("clone", "grumpy:a.img", "grumpy:b.img")
     assert refused.returncode == 1
     assert "the SAN said no: LUN 7 is fenced" in refused.stderr.decode()
-    assert len(list(images.iterdir())) == 1 and daemon.backends()["grumpy"]["NBIMAGE"] == 1
+    assert len(list(images.iterdir())) == 2 and daemon.backends()["grumpy"]["NBIMAGE"] == 1
 
     sleepy = tmp_path / "sleepy-scripts"
     shutil.copytree(DEFAULT_SCRIPTS, sleepy)
@@ -96,7 +96,7 @@ def test_a_failing_script_is_heard_and_a_hanging_one_stopped(daemon: Daemon, tmp
     assert "timed out" in hung.stderr.decode()
     assert subprocess.run(["pgrep", "-f", "sleep 61"], capture_output=True).returncode == 1
     assert daemon.backends()["sleepy"]["NBIMAGE"] == 0
-    assert list(images.iterdir()) == []  # nothing half-made
+    assert os.listdir(images) == [".tm2fs-backend"]  # nothing half-made
     assert (daemon.mnt / "local").is_dir()  # the rest of the tree works
 
 
@@ -113,7 +113,7 @@ def test_shell_metacharacters_are_harmless(daemon: Daemon, tmp_path: Path) -> No
     assert not canary.exists()
     for where in (tmp_path, Path.cwd(), daemon.state):  # a relative touch lands in some cwd
         assert not list(where.rglob("pwned-canary"))
-    assert len(list(evil.iterdir())) == 1
+    assert len(list(evil.iterdir())) == 2  # the image and the backend's marker
 
 
 # ---------------------------------------------------------------------- old scripts on the mount
@@ -176,4 +176,4 @@ def test_vm_folder_life_cycle_with_path_scripts_on_the_mount(daemon: Daemon, tmp
     b = daemon.backends()
     assert (b["local"]["NBIMAGE"], b["local"]["NBVM"]) == (0, 0)
     assert (b["repo"]["NBIMAGE"], b["repo"]["NBVM"]) == (2, 0)
-    assert os.listdir(daemon.state / "backends" / "local") == []
+    assert os.listdir(daemon.state / "backends" / "local") == [".tm2fs-backend"]

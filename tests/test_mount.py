@@ -83,7 +83,7 @@ def test_legacy_transfer_manager_script(daemon: Daemon, tmp_path: Path) -> None:
     subprocess.run(["rm", "-rf", str(vm)], check=True)  # the epilog
     backends = daemon.backends()
     assert (backends["local"]["NBIMAGE"], backends["local"]["NBVM"]) == (0, 0)
-    assert os.listdir(daemon.state / "backends" / "local") == []
+    assert os.listdir(daemon.state / "backends" / "local") == [".tm2fs-backend"]
 
 
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:
@@ -306,7 +306,7 @@ async def test_cp_stat_truncate_rm(tree: Daemon, tmp_path: Path) -> None:
     # rm removes the image and its data
     sh("rm", local / "a.img", local / "new.img")
     assert os.listdir(local) == []
-    assert os.listdir(tree.state_dir / "backends" / "local") == []
+    assert os.listdir(tree.state_dir / "backends" / "local") == [".tm2fs-backend"]
     assert await counts(tree) == {"local": (0, 0)}
 
 
@@ -323,7 +323,7 @@ async def test_mv_inside_and_across_backends(tree: Daemon, tmp_path: Path) -> No
     sh("mv", local / "a.img", local / "vm-1" / "disk.0")
     info = await stored(tree, "local:vm-1/disk.0")
     assert (info["KEY"], info["SIZE"]) == (key, len(data))
-    assert os.listdir(tree.state_dir / "backends" / "local") == [key]
+    assert sorted(os.listdir(tree.state_dir / "backends" / "local")) == [".tm2fs-backend", key]
     # across backends: rename answers EXDEV, so mv copies and deletes by itself
     with pytest.raises(OSError) as e:
         os.rename(local / "vm-1" / "disk.0", tree.mnt / "b2" / "disk.0")
@@ -333,7 +333,7 @@ async def test_mv_inside_and_across_backends(tree: Daemon, tmp_path: Path) -> No
     moved = await stored(tree, "b2:disk.0")
     assert moved["SIZE"] == len(data) and moved["KEY"] != key
     assert (tmp_path / "b2" / moved["KEY"]).read_bytes() == data
-    assert os.listdir(tree.state_dir / "backends" / "local") == []
+    assert os.listdir(tree.state_dir / "backends" / "local") == [".tm2fs-backend"]
     assert await counts(tree) == {"local": (0, 0), "b2": (1, 0)}
 
 

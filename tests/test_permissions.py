@@ -294,7 +294,7 @@ def test_v2_attachments_gain_their_attacher(store_url: str) -> None:
     s.close()
     s = PoolStore(store_url)
     with s.begin() as tx:
-        assert tx.c.execute(sa.select(st.schema_info.c.version)).scalar_one() == 3
+        assert tx.c.execute(sa.select(st.schema_info.c.version)).scalar_one() == st.SCHEMA_VERSION
         [a] = tx.attachments(image_id=iid)
         assert (a.path, a.uid) == ("/vm/disk", None)
         tx.insert_attachment(iid, "h", "/vm/disk2", uid=1000)

@@ -282,8 +282,8 @@ async def test_many_processes_never_overcommit(store_url: str, tmp_path: Path) -
             allocated = sum(im.size for im in images if im.backend_id == b.id)
             assert allocated <= limit, f"{b.name} over-committed: {allocated} > {limit}"
             assert allocated > limit - 3 * M  # and it did fill up
-            assert sorted(os.listdir(b.tm_raw["PATH"])) == sorted(
-                im.key for im in images if im.backend_id == b.id)
+            assert sorted(os.listdir(b.tm_raw["PATH"])) == sorted([".tm2fs-backend", *(
+                im.key for im in images if im.backend_id == b.id)])
         rows = tx.c.execute(sa.text("SELECT count(*) FROM namespace WHERE image_id IS NOT NULL"))
         assert rows.scalar_one() == ok
     await service.stop()
@@ -302,6 +302,7 @@ def test_v1_store_is_migrated(store_url: str) -> None:
             tx.c.exec_driver_sql(f"ALTER TABLE storagebackend_pool DROP COLUMN {column}")
         for table in ("reservation", "host", "host_backend", "lease"):
             tx.c.exec_driver_sql(f"DROP TABLE {table}")
+        tx.c.exec_driver_sql("ALTER TABLE schema_info DROP COLUMN pool_id")
         tx.c.exec_driver_sql("UPDATE schema_info SET version = 1")
     s.close()
     s = PoolStore(store_url)

@@ -132,7 +132,7 @@ async def test_bad_sizes_change_nothing(service: Service, size: str) -> None:
         await service.allocate("local:x", size, ROOT)
     assert e.value.status == 400
     assert await snapshot(service) == before
-    assert os.listdir((await service.backend_info("local"))["TM_RAW"]["PATH"]) == []
+    assert os.listdir((await service.backend_info("local"))["TM_RAW"]["PATH"]) == [".tm2fs-backend"]
 
 
 async def test_larger_than_the_backend_is_refused(service: Service) -> None:
@@ -335,7 +335,8 @@ async def test_reconcile_after_crash(service: Service, store: PoolStore, tmp_pat
     assert fixed == {"orphans": 1, "leftovers": 1, "sizes": 1, "links": 0,
                      "reservations": 0, "leases": 0}
     assert fresh.get_size("local:kept", ROOT) == 4096
-    assert sorted(os.listdir(backing)) == [(await service.image_info("local:kept", ROOT))["KEY"]]
+    assert sorted(os.listdir(backing)) == [".tm2fs-backend",  # the marker: the sweep's licence
+                                           (await service.image_info("local:kept", ROOT))["KEY"]]
     assert await fresh.reconcile() == {"orphans": 0, "leftovers": 0, "sizes": 0, "links": 0,
                                        "reservations": 0, "leases": 0}
     await fresh.stop(clean=False)

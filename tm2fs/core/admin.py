@@ -8,6 +8,7 @@ worker thread under the backend's timeout, never on the loop.
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..drivers import driver_class
 from ..model import ROOT_INO, Caller, now_ns
 from ..store import Tx
 from . import backend_spec as spec_
+from . import ownership
 from .backends import Backends, Runtime, capped, quietly
 from .permissions import require_root
 from .pool import Pool
@@ -34,6 +36,73 @@ class Admin:
         self.pool = pool
         self.backends = backends
         self.state_dir = state_dir
+        self._pool_id: str | None = None
+
+    async def pool_id(self) -> str:
+        """The pool's identity, as the markers in backends' directories name it."""
+        if self._pool_id is None:
+            self._pool_id = await self.pool.read(lambda tx: tx.pool_id())
+        return self._pool_id
+
+    def storage_dir(self, tm: str, tm_raw: dict[str, Any]) -> str | None:
+        return driver_class(tm).storage_dir(tm_raw, self.pool.host)
+
+    async def _check_storage(self, tm: str, tm_raw: dict[str, Any], name: str, timeout: float,
+                             backend_id: int | None = None, known: set[str] | None = None,
+                             ) -> str | None:
+        """Refuse a directory that is a system one or overlaps another backend's or the state
+        directory; with `known`, also one whose content is not this backend's (a marker naming
+        another backend, image files it did not make). The backend's directory, if it has one."""
+        directory = self.storage_dir(tm, tm_raw)
+        if directory is None:
+            return None
+        others = [(b.name, d) for b in self.pool.backend_rows.values()
+                  if b.id != backend_id and (d := self.storage_dir(b.tm, b.tm_raw)) is not None]
+        ids = set(self.pool.backend_rows)
+        pool_id = await self.pool_id()
+        what = f"{tm} backend {name}: {'STORE' if 'STORE' in tm_raw else 'PATH'}"
+        marked = driver_class(tm).marked
+
+        def check() -> None:
+            ownership.check_place(what, directory, others, self.state_dir)
+            if known is None or not marked or not os.path.isdir(directory):
+                return
+            why = ownership.refusal(directory, pool_id, backend_id, known, lambda b: b not in ids)
+            if why is not None:
+                raise err.InvalidArgument(
+                    f"{what} {directory!r} is not this backend's: {why}",
+                    "give the backend an empty directory of its own; nothing was changed")
+
+        await ownership.in_thread(check, timeout, f"checking the directory of backend {name}")
+        return directory
+
+    def _recheck(self, tx: Tx, tm: str, tm_raw: dict[str, Any], name: str,
+                 backend_id: int | None = None) -> None:
+        """In the transaction, as written: a backend another host or call added since the
+        check also counts (the check with real paths ran before, in a thread)."""
+        directory = self.storage_dir(tm, tm_raw)
+        if directory is None:
+            return
+        for other in tx.backends():
+            d = self.storage_dir(other.tm, other.tm_raw)
+            how = None if d is None or other.id == backend_id else ownership.spelled_relation(
+                directory, d)
+            if d is not None and how is not None:
+                raise ownership.overlap(f"{tm} backend {name}: PATH", directory, how, other.name, d)
+
+    async def _mark(self, tm: str, name: str, backend_id: int, directory: str | None,
+                    timeout: float) -> None:
+        """The marker that lets the crash sweep work in the directory (if this one fails, the
+        next start writes it)."""
+        if directory is None or not driver_class(tm).marked:
+            return
+        pool_id = await self.pool_id()
+        try:
+            await ownership.in_thread(
+                lambda: ownership.write_marker(directory, pool_id, backend_id), timeout,
+                f"marking the directory of backend {name}")
+        except (OSError, err.Tm2Error) as e:
+            log.error("backend %s: could not write its marker in %s: %s", name, directory, e)
 
     async def _validate(self, tm: str, raw: dict[str, Any], name: str,
                         timeout: float) -> dict[str, Any]:
@@ -45,6 +114,19 @@ class Admin:
         except trio.TooSlowError:
             raise err.InvalidArgument(f"checking TM_RAW of {name} timed out after {timeout:g}s",
                                       "is the storage reachable? nothing was changed") from None
+
+    async def _unmark(self, name: str, backend_id: int, directory: str | None,
+                      timeout: float) -> None:
+        """Drop the backend's marker from a directory it no longer uses."""
+        if directory is None:
+            return
+        pool_id = await self.pool_id()
+        try:
+            await ownership.in_thread(
+                lambda: ownership.remove_marker(directory, pool_id, backend_id), timeout,
+                f"unmarking the directory of backend {name}")
+        except (OSError, err.Tm2Error) as e:
+            log.error("backend %s: could not remove its marker in %s: %s", name, directory, e)
 
     async def create(self, caller: Caller, spec: dict[str, Any]) -> int:
         """Validate everything, reach the storage once, then add the row."""
@@ -67,7 +149,10 @@ class Admin:
             raise err.InvalidArgument(f"a backend local to host {owner_host} is created on that host",
                                       f"run the command on {owner_host} (its daemon checks the PATH)")
         timeout = values.get("timeout", VALIDATE_TIMEOUT)
+        # before validate makes the directory, if TM_RAW names it; after, as completed
+        await self._check_storage(tm, raw, name, timeout)
         tm_raw = await self._validate(tm, raw, name, timeout)
+        directory = await self._check_storage(tm, tm_raw, name, timeout, known=set())
         uid, gid, mode = await spec_.owner(upper)
         driver = driver_class(tm)(tm_raw, self.state_dir)
         try:
@@ -85,6 +170,7 @@ class Admin:
         def work(tx: Tx) -> int:
             if tx.backend_by_name(name):
                 raise err.Exists(f"a backend named {name!r} exists")
+            self._recheck(tx, tm, tm_raw, name)
             bid = tx.insert_backend(tm=tm, tm_raw=tm_raw, state="READY", total=total, free=free,
                                     used=used, monitored=time.time(), root_ino=0, **values)
             root = tx.insert_node(
@@ -103,6 +189,7 @@ class Admin:
                 await quietly(driver.stop())
             raise
         self.backends.runtimes[bid] = Runtime(driver, started=True)
+        await self._mark(tm, name, bid, directory, timeout)
         log.info("backend %s (%d) created, TM=%s", name, bid, tm)
         return bid
 
@@ -122,10 +209,17 @@ class Admin:
                 else:
                     attrs[k] = v
             values["attrs"] = attrs
+        directory, moved = None, False
         if "TM_RAW" in upper:
             raw = dict(b.tm_raw)
             raw.update(spec_.tm_raw(upper["TM_RAW"]))
+            await self._check_storage(b.tm, raw, b.name, b.timeout, b.id)
             values["tm_raw"] = await self._validate(b.tm, raw, b.name, b.timeout)
+            # a new directory must hold nothing but this backend's images
+            moved = self.storage_dir(b.tm, values["tm_raw"]) != self.storage_dir(b.tm, b.tm_raw)
+            known = {im.key for im in self.pool.images.values() if im.backend_id == b.id}
+            directory = await self._check_storage(b.tm, values["tm_raw"], b.name, b.timeout,
+                                                  b.id, known if moved else None)
         uid, gid, mode = await spec_.owner(upper)
         node_values: dict[str, Any] = {}
         if uid is not None:
@@ -141,12 +235,18 @@ class Admin:
                 if tx.backend_by_name(new_name):
                     raise err.Exists(f"a backend named {new_name!r} exists")
                 tx.update_node(b.root_ino, name=new_name)
+            if "tm_raw" in values:
+                self._recheck(tx, b.tm, values["tm_raw"], b.name, b.id)
             if node_values:
                 tx.update_node(b.root_ino, ctime_ns=now_ns(), **node_values)
             if values:
                 tx.update_backend(b.id, **values)
 
         await self.pool.write(work)
+        if directory is not None and moved:
+            await self._mark(b.tm, b.name, b.id, directory, b.timeout)
+        if moved:  # the old directory may serve another backend now
+            await self._unmark(b.name, b.id, self.storage_dir(b.tm, b.tm_raw), b.timeout)
         if "tm_raw" in values or "capacity" in values:
             await self.backends.monitor(b.id)
         return b.id
@@ -190,4 +290,5 @@ class Admin:
                 except (OSError, trio.TooSlowError) as e:
                     log.error("backend %s: could not delete image data %s: %s", b.name, im.key, e)
         await self.backends.stop_retired()  # the delta retired its runtime
+        await self._unmark(b.name, b.id, self.storage_dir(b.tm, b.tm_raw), b.timeout)
         log.info("backend %s (%d) deleted", b.name, b.id)

@@ -13,17 +13,15 @@ import logging
 from functools import partial
 
 from .. import errors as err
-from ..model import ROOT
+from ..drivers import driver_class
+from ..model import ROOT, Backend
 from ..store import Tx
+from . import ownership
 from .admin import Admin
 from .backends import Backends
 from .pool import Pool
 
 log = logging.getLogger(__name__)
-
-
-def _is_key(key: str) -> bool:
-    return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
 
 
 class Recovery:
@@ -109,9 +107,11 @@ class Recovery:
             return known | {im.key for im in images}, images
 
         known, images = await self.pool.read(known_keys)
+        if keys is not None and not await self._owned(b, known):
+            keys = None
         async with self.backends.call(b, "reconcile") as driver:
             for key in keys or []:
-                if key not in known and _is_key(key):
+                if key not in known and ownership.is_key(key):
                     await driver.delete(key)
                     fixed["leftovers"] += 1
         for im in images:
@@ -125,6 +125,24 @@ class Recovery:
             if real != im.size:
                 await self.pool.write(partial(Tx.set_image_size, image_id=im.id, size=real))
                 fixed["sizes"] += 1
+
+    async def _owned(self, b: Backend, known: set[str]) -> bool:
+        """Whether the sweep may delete in the backend's directory: its marker names this
+        backend of this pool (a directory without one gets it if it holds only `known` keys)."""
+        directory = self.admin.storage_dir(b.tm, b.tm_raw)
+        if directory is None or not driver_class(b.tm).marked:
+            return True
+        pool_id = await self.admin.pool_id()
+        try:
+            why = await ownership.in_thread(
+                lambda: ownership.claim(directory, pool_id, b.id, known), b.timeout,
+                f"reading the marker of backend {b.name}")
+        except (OSError, err.Tm2Error) as e:
+            why = getattr(e, "message", None) or str(e)
+        if why is not None:
+            log.error("backend %s: leftovers in %s not swept, nothing deleted there: %s",
+                      b.name, directory, why)
+        return why is None
 
     async def ensure_default_backend(self) -> None:
         """The embedded default: a `local` directory backend under the state directory, shared

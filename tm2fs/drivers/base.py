@@ -168,6 +168,17 @@ class Storage(Protocol):
         """Check and complete TM_RAW before the backend is created or updated (static checks:
         start connects); raise InvalidArgument with a hint."""
 
+    #: the sweep after a crash deletes in `storage_dir` only what a marker file there proves
+    #: is this backend's (core/ownership.py)
+    marked: ClassVar[bool] = False
+
+    @classmethod
+    def storage_dir(cls, tm_raw: dict[str, Any], host: str) -> str | None:
+        """The directory on this host (named `host`) that holds the backend's data, if there is
+        one, from TM_RAW as validate returns it (upper-case keys): the core keeps backends'
+        directories apart. No syscalls. Default: none."""
+        return None
+
     async def start(self) -> None:
         """Connect / prepare; called before first use and after the backend was in ERROR.
         Called again on a started driver, it changes nothing. Default: nothing to do."""

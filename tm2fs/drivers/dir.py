@@ -116,6 +116,14 @@ class DirDriver(Driver):
         raw["PATH"] = path
         return raw
 
+    marked = True
+
+    @classmethod
+    def storage_dir(cls, tm_raw: dict[str, Any], host: str) -> str | None:
+        if "PATH" not in tm_raw or tm_raw.get("HOST") not in (None, host):
+            return None  # another host's own directory
+        return str(tm_raw["PATH"])
+
     def _path(self, key: str) -> Path:
         return self.root / check_key(key, "dir")
 

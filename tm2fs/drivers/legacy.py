@@ -210,6 +210,14 @@ class LegacyDriver(Driver):
         return {"SCRIPTS": scripts, "TM_CONF": conf, "HOST": host, "PATH": path,
                 "SCRIPT_TIMEOUT": f"{timeout:g}"}
 
+    marked = True
+
+    @classmethod
+    def storage_dir(cls, tm_raw: dict[str, Any], host: str) -> str | None:
+        if "PATH" not in tm_raw or not is_local_host(str(tm_raw.get("HOST", DEFAULT_HOST))):
+            return None  # the scripts' files are on another host
+        return str(tm_raw["PATH"])
+
     # -- helpers
 
     def _arg(self, key: str) -> str:

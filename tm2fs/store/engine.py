@@ -99,7 +99,8 @@ class PoolStore:
             meta.create_all(tx.c)
             row = tx.c.execute(sa.select(schema_info.c.version)).first()
             if row is None:
-                tx.c.execute(schema_info.insert().values(id=1, version=schema.SCHEMA_VERSION))
+                tx.c.execute(schema_info.insert().values(id=1, version=schema.SCHEMA_VERSION,
+                                                          pool_id=schema.new_pool_id()))
                 t = now_ns()
                 tx.c.execute(node.insert().values(
                     ino=ROOT_INO, parent=None, name="", backend_id=None, mode=stat.S_IFDIR | 0o755,

@@ -7,13 +7,14 @@ start, in one transaction.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
@@ -22,6 +23,8 @@ schema_info = sa.Table(
     "schema_info", meta,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("version", sa.Integer, nullable=False),
+    # the pool's identity: backends' directories carry it in their marker (core/ownership.py)
+    sa.Column("pool_id", sa.String(32)),
 )
 
 backend = sa.Table(
@@ -146,7 +149,18 @@ def _v2_to_v3(c: sa.Connection) -> None:
         c.exec_driver_sql("ALTER TABLE attachment ADD COLUMN uid INTEGER")
 
 
+def new_pool_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _v3_to_v4(c: sa.Connection) -> None:
+    """The pool's identity, so a backend's directory can say which pool it belongs to."""
+    if "pool_id" not in {col["name"] for col in sa.inspect(c).get_columns("schema_info")}:
+        c.exec_driver_sql("ALTER TABLE schema_info ADD COLUMN pool_id VARCHAR(32)")
+    c.execute(schema_info.update().values(pool_id=new_pool_id()))
+
+
 # Migrations from version N to N+1; a new schema version appends one function here.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3, _v3_to_v4]
 
 

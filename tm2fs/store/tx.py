@@ -17,7 +17,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..model import Attachment, Backend, Image, Node, now_ns
-from .schema import CHANNEL, attachment, backend, host, host_backend, image, lease, node, reservation
+from .schema import (
+    CHANNEL,
+    attachment,
+    backend,
+    host,
+    host_backend,
+    image,
+    lease,
+    node,
+    reservation,
+    schema_info,
+)
 
 NODE_COLS = ("ino, parent, name, backend_id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target, "
              "image_id")  # Node's field order
@@ -157,6 +168,10 @@ class Tx:
         return Delta(nodes={r.ino: _node(r) for r in self.c.execute(sa.select(node))},
                      images={r.id: Image(**r._mapping) for r in self.c.execute(sa.select(image))},
                      backends={b.id: b for b in self.backends()}, complete=True)
+
+    def pool_id(self) -> str:
+        """The pool's identity (random, made with the store)."""
+        return str(self.c.execute(sa.select(schema_info.c.pool_id)).scalar_one())
 
     def images_by_id(self, ids: list[int]) -> dict[int, Image]:
         out: dict[int, Image] = {}

@@ -72,6 +72,12 @@ class IscsiDriver(Driver):
                                       "STORE must be a directory root can create and write") from None
         return s.to_raw()
 
+    @classmethod
+    def storage_dir(cls, tm_raw: dict[str, Any], host: str) -> str | None:
+        if "STORE" not in tm_raw or tm_raw.get("SSH"):
+            return None  # the backing files are on the target host
+        return str(tm_raw["STORE"])
+
     def sessions(self) -> int:
         """Open initiator sessions (handles, attachments), so tests can count leaks."""
         return self.count.value
