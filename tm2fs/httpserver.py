@@ -151,14 +151,19 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
                 peer=peer, body=_body(conn, stream))
             try:
                 response = await handler(request)
-            except Exception:
-                log.exception("control API: %s %s failed", request.method, request.path)
-                response = Response.json({"error": "internal", "message": "internal error",
-                                          "hint": "the daemon's log has the details"}, 500)
+            except Exception as e:
+                malformed = _malformed(e)
+                if malformed is not None:  # the body broke HTTP (short, bad chunk): the client's fault
+                    response = Response.json({"error": "invalid_argument",
+                                              "message": f"bad HTTP request body: {malformed}"}, 400)
+                else:
+                    log.exception("control API: %s %s failed", request.method, request.path)
+                    response = Response.json({"error": "internal", "message": "internal error",
+                                              "hint": "the daemon's log has the details"}, 500)
             await _send(conn, stream, response)
             async for _ in request.body:  # drain what the handler did not read
                 pass
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            if {conn.our_state, conn.their_state} & {h11.MUST_CLOSE, h11.ERROR}:
                 return
             conn.start_next_cycle()
     except h11.RemoteProtocolError as e:
@@ -171,6 +176,18 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
     finally:
         with contextlib.suppress(Exception):
             await stream.aclose()
+
+
+def _malformed(e: BaseException) -> h11.RemoteProtocolError | None:
+    """The protocol error a handler failed with while reading the body, also from inside a
+    nursery's group; None when anything else went wrong too."""
+    if isinstance(e, h11.RemoteProtocolError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        errors, others = e.split(h11.RemoteProtocolError)
+        if errors is not None and others is None:
+            return _malformed(errors.exceptions[0])
+    return None
 
 
 async def _next(conn: h11.Connection, stream: trio.SocketStream) -> Any:
