@@ -83,12 +83,14 @@ def route(method: str, pattern: str, summary: str, **fields: Any,
 
 PATH_MAX = 4096
 STRING: Schema = {"type": "string", "maxLength": 255}
-ADDRESS: Schema = {"type": "string", "maxLength": PATH_MAX,
+ADDRESS: Schema = {"type": "string", "maxLength": PATH_MAX, "pattern": "^[^:]+:[^/]",
                    "description": "BACKEND:PATH, the backend by name or ID"}
 SIZE: Schema = {"type": ["integer", "string"], "minimum": 0, "maximum": MAX_SIZE, "maxLength": 32,
                 "description": "bytes, or with a binary unit like `truncate -s`: 512M, 10G"}
 FLAG: Schema = {"type": ["boolean", "string"], "maxLength": 8,
                 "description": "true: true, 1, yes or on"}
+LINK: Schema = {"type": "string", "minLength": 1, "maxLength": PATH_MAX,
+                "description": "where the image is in use (a VM's disk link)"}
 HOST: Schema = {"type": "string", "maxLength": 255,
                 "description": "the host (default: this daemon's)"}
 ACCOUNT: Schema = {"type": ["string", "integer"], "minimum": 0, "maximum": 2**32 - 2,
@@ -283,7 +285,7 @@ async def clone(svc: Service, req: ApiRequest) -> Any:
 
 
 @route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host",
-       body={"address": ADDRESS, "path": STRING, "host": HOST}, required=("address", "path"), ok=(201,))
+       body={"address": ADDRESS, "path": LINK, "host": HOST}, required=("address", "path"), ok=(201,))
 async def attach(svc: Service, req: ApiRequest) -> Any:
     data = req.data
     return Response.json(await svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
@@ -291,7 +293,7 @@ async def attach(svc: Service, req: ApiRequest) -> Any:
 
 
 @route("POST", "/v1/images/detach", "detach: forget an attachment",
-       body={"address": ADDRESS, "path": STRING, "host": HOST}, required=("address", "path"), ok=(204,))
+       body={"address": ADDRESS, "path": LINK, "host": HOST}, required=("address", "path"), ok=(204,))
 async def detach(svc: Service, req: ApiRequest) -> Any:
     data = req.data
     await svc.detach(_arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"))
@@ -480,8 +482,10 @@ def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
                 return response
             return result if isinstance(result, Response) else Response.json(result)
         if allowed:
-            return Response.json({"error": "invalid_argument",
-                                  "message": f"{req.method} not allowed on {req.path}"}, 405)
+            response = Response.json({"error": "invalid_argument",
+                                      "message": f"{req.method} not allowed on {req.path}"}, 405)
+            response.headers.append(("allow", ", ".join(allowed)))
+            return response
         return Response.json({"error": "not_found", "message": f"no route {req.path}",
                               "hint": "GET /openapi.json lists the routes"}, 404)
 
