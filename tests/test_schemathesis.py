@@ -10,7 +10,6 @@ they make can touch the host outside the test's directory.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -81,15 +80,12 @@ def relay(public_daemon: Daemon) -> Iterator[str]:
 
 def test_schemathesis_finds_no_5xx_and_no_undocumented_answer(public_daemon: Daemon, relay: str,
                                                              tmp_path: Path) -> None:
-    report = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--no-color", "run", f"{relay}/openapi.json",
          "--checks", ",".join(CHECKS), "--max-examples", "10", "--seed", "13", "--workers", "2",
          "--phases", "examples,coverage,fuzzing", "--request-timeout", "20",
-         "--report", "json", "--report-json-path", str(report), "--suppress-health-check", "all"],
+         "--suppress-health-check", "all"],
         capture_output=True, timeout=300, check=False, cwd=tmp_path)
     output = run.stdout.decode(errors="replace") + run.stderr.decode(errors="replace")
-    assert run.returncode == 0, output[-20000:]
+    assert run.returncode == 0, output[-20000:]  # 1: a check failed; 2: nothing was tested
     assert "internal error" not in public_daemon.logs()
-    tested = json.loads(report.read_text())
-    assert tested, output[-5000:]
