@@ -128,6 +128,16 @@ def test_brackets_in_strings_and_32_levels_are_within_the_bound(api: httpx.Clien
             "z is not a field")
 
 
+def test_a_5000_digit_size_is_one_clear_error_in_the_cli(daemon: Daemon) -> None:
+    """Before: parse_size's int() overflowed (ValueError, a traceback in the CLI, a 500 in the
+    API); a 400-digit decimal overflowed float()."""
+    for size in ["9" * 5000, "9" * 400 + ".5"]:
+        made = daemon.tm2("allocate", "local:huge", size)
+        assert made.returncode != 0 and b"Traceback" not in made.stderr, made.stderr
+        assert b"not understood" in made.stderr, made.stderr
+    assert os.listdir(daemon.mnt / "local") == []
+
+
 def test_query_parameters_are_checked_too(api: httpx.Client) -> None:
     refused(api.get("/v1/images/size", params={"address": "local:x", "adress": "y"}),
             "adress is not a field")
