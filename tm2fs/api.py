@@ -93,7 +93,7 @@ LINK: Schema = {"type": "string", "minLength": 1, "maxLength": PATH_MAX,
                 "description": "where the image is in use (a VM's disk link)"}
 HOST: Schema = {"type": "string", "maxLength": 255,
                 "description": "the host (default: this daemon's)"}
-ACCOUNT: Schema = {"type": ["string", "integer"], "minimum": 0, "maximum": 2**32 - 2,
+ACCOUNT: Schema = {"type": ["string", "integer"], "minimum": 0, "maximum": 2**32 - 2, "maxLength": 64,
                    "pattern": r"^(\d{1,9}|(?!\d+$).{1,64})$",
                    "description": "a name or number on this host"}
 NUMBER: Schema = {"type": ["number", "string"], "maxLength": 32}
