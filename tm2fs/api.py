@@ -1,8 +1,9 @@
 """The control API: HTTP + JSON on a Unix socket, served inside the daemon's trio loop.
 
 Routes only translate: arguments -> one service call, `Tm2Error` -> its HTTP status and JSON body.
-The route table is also the source of `GET /openapi.json`, so the description cannot drift from
-what is served. Image data streams both ways in chunks; nothing holds a whole image in memory.
+The route table types every input (apischema): each request is checked against it before its
+handler runs, and it is the source of `GET /openapi.json`, so the description cannot drift from
+what is served or checked. Image data streams both ways in chunks; nothing holds a whole image in memory.
 """
 
 from __future__ import annotations
@@ -10,28 +11,28 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import trio
 
 from . import __version__
 from . import errors as err
+from .apischema import MAX_BODY, Schema, check, parse_json
 from .core import COPY_CHUNK, STREAM_DEPTH, Caller, Service, read_chunks, write_chunks
 from .httpserver import Request, Response, serve_unix
-from .sizes import parse_size
+from .sizes import MAX_SIZE, parse_size
 
 log = logging.getLogger(__name__)
-
-
-Schema = dict[str, Any]  # a JSON Schema, as OpenAPI 3.1 takes it
 
 
 @dataclass(frozen=True)
 class Route:
     """One operation. `body` and `query` name every field the handler reads, with its schema;
     `required` are those it refuses to go without; `attributes` is the schema of free-form body
-    keys (custom backend attributes), None when there are none; `raw` bodies are image bytes."""
+    keys (custom backend attributes, keys in any case), None when there are none; `raw` bodies
+    are image bytes; `ok` the statuses of success. The schemas are checked before the handler
+    runs (apischema.check) and are what /openapi.json publishes."""
 
     method: str
     pattern: str
@@ -42,10 +43,30 @@ class Route:
     required: tuple[str, ...] = ()
     attributes: Schema | None = None
     raw: bool = False
+    ok: tuple[int, ...] = (200,)
 
     @property
     def regex(self) -> re.Pattern[str]:
         return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern) + "$")
+
+    @property
+    def body_schema(self) -> Schema | None:
+        """The JSON body's schema; None when the route takes none (or takes raw bytes)."""
+        if self.raw or not (self.body or self.attributes):
+            return None
+        schema: Schema = {"type": "object", "properties": self.body,
+                          "additionalProperties": self.attributes or False}
+        if self.attributes:
+            schema["propertyNames"] = ATTRIBUTE_NAME
+        required = [n for n in self.required if n in self.body]
+        if required:
+            schema["required"] = required
+        return schema
+
+    @property
+    def query_schema(self) -> Schema:
+        return {"type": "object", "properties": self.query, "additionalProperties": False,
+                "required": [n for n in self.required if n in self.query]}
 
 
 ROUTES: list[Route] = []
@@ -60,37 +81,81 @@ def route(method: str, pattern: str, summary: str, **fields: Any,
     return register
 
 
-STRING: Schema = {"type": "string"}
-ADDRESS: Schema = {"type": "string", "description": "BACKEND:PATH, the backend by name or ID"}
-SIZE: Schema = {"type": ["integer", "string"],
+PATH_MAX = 4096
+STRING: Schema = {"type": "string", "maxLength": 255}
+ADDRESS: Schema = {"type": "string", "maxLength": PATH_MAX, "pattern": "^[^:]+:[^/]",
+                   "description": "BACKEND:PATH, the backend by name or ID"}
+SIZE: Schema = {"type": ["integer", "string"], "minimum": 0, "maximum": MAX_SIZE, "maxLength": 32,
                 "description": "bytes, or with a binary unit like `truncate -s`: 512M, 10G"}
-FLAG: Schema = {"type": ["boolean", "string"], "description": "true: true, 1, yes or on"}
-HOST: Schema = {"type": "string", "description": "the host (default: this daemon's)"}
-ACCOUNT: Schema = {"type": ["string", "integer"], "description": "a name or number on this host"}
+FLAG: Schema = {"type": ["boolean", "string"], "maxLength": 8,
+                "description": "true: true, 1, yes or on"}
+LINK: Schema = {"type": "string", "minLength": 1, "maxLength": PATH_MAX,
+                "description": "where the image is in use (a VM's disk link)"}
+HOST: Schema = {"type": "string", "maxLength": 255,
+                "description": "the host (default: this daemon's)"}
+ACCOUNT: Schema = {"type": ["string", "integer"], "minimum": 0, "maximum": 2**32 - 2, "maxLength": 64,
+                   "pattern": r"^(\d{1,9}|(?!\d+$).{1,64})$",
+                   "description": "a name or number on this host"}
+NUMBER: Schema = {"type": ["number", "string"], "maxLength": 32}
+SCALAR: Schema = {"type": ["string", "number", "null"], "maxLength": PATH_MAX,
+                  "minimum": -(2**63), "maximum": 2**63 - 1}
+ATTRIBUTE_NAME: Schema = {"type": "string", "pattern": r"^[A-Za-z0-9_]{1,64}$"}
 # the template attributes of a backend (keys in any case); others are custom attributes
 BACKEND: dict[str, Schema] = {
     "NAME": STRING,
-    "TM": {"type": "string", "description": "the driver: dir, rbd, iscsi, legacy, ..."},
-    "TM_RAW": {"type": ["string", "object"],
+    "TM": {"type": "string", "maxLength": 64,
+           "description": "the driver: dir, rbd, iscsi, legacy, ..."},
+    "TM_RAW": {"type": ["string", "object"], "maxLength": PATH_MAX, "maxProperties": 64,
+               "propertyNames": ATTRIBUTE_NAME, "additionalProperties": SCALAR,
                "description": "the driver's arguments: KEY=VALUE pairs or an object"},
-    "CAPACITY": {"type": ["integer", "string", "null"],
+    "CAPACITY": {**SIZE, "type": ["integer", "string", "null"],
                  "description": "a cap on what the driver reports (a size); empty or unlimited: none"},
-    "COST": {"type": ["integer", "string"], "description": "a whole number, 0 or more"},
-    "ROLE": {"type": "string", "description": "SAN or REPOSITORY"},
-    "TAGS": {"type": ["string", "array"], "items": STRING,
+    "COST": {"type": ["integer", "string"], "minimum": 0, "maximum": 2**31 - 1,
+             "pattern": r"^\s*\d{1,9}\s*$", "description": "a whole number, 0 or more"},
+    "ROLE": {"type": "string", "maxLength": 32, "description": "SAN or REPOSITORY"},
+    "TAGS": {"type": ["string", "array"], "items": STRING, "maxItems": 256, "maxLength": PATH_MAX,
              "description": "comma-separated words, or a list"},
     "CLUSTER": STRING,
-    "TIMEOUT": {"type": ["number", "string"], "description": "seconds (0-3600) for every driver call"},
+    "TIMEOUT": {**NUMBER, "description": "seconds (0-3600) for every driver call"},
     "USER": ACCOUNT,
     "GROUP": ACCOUNT,
-    "PERMISSIONS": {"type": ["string", "integer"], "description": "octal (0755) or `um- u-- ---`"},
-    "OVERCOMMIT": {"type": ["number", "string"], "description": "1-100"},
-    "RESERVED": {"type": ["number", "string"], "description": "a share kept free: 0.1 or 10%"},
-    "PRIORITY": {"type": ["integer", "string"]},
+    "PERMISSIONS": {"type": ["string", "integer"], "maxLength": 16, "minimum": 0, "maximum": 0o7777,
+                    "description": "octal (0755) or `um- u-- ---`"},
+    "OVERCOMMIT": {**NUMBER, "description": "1-100"},
+    "RESERVED": {**NUMBER, "description": "a share kept free: 0.1 or 10%"},
+    "PRIORITY": {**NUMBER, "type": ["integer", "string"]},
 }
-ATTRIBUTE: Schema = {"type": ["string", "number", "null"],
-                     "description": "any other key is a custom attribute (letters, digits, _; "
-                                    "keys in any case); an empty value removes it"}
+ATTRIBUTE: Schema = {**SCALAR, "description": "any other key is a custom attribute (letters, "
+                     "digits, _; keys in any case); an empty value removes it"}
+
+
+@dataclass
+class ApiRequest(Request):
+    """A request whose query and JSON body fit its route's schemas; `data` is the body."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+async def checked(r: Route, req: Request) -> ApiRequest:
+    """`req` once its query and JSON body fit `r`'s schemas (else InvalidArgument: 400)."""
+    check(req.query, r.query_schema, "")
+    data: Any = {}
+    schema = r.body_schema
+    if schema is not None:
+        try:
+            raw = await req.read(limit=MAX_BODY)
+        except ValueError as e:  # beyond the limit
+            raise err.InvalidArgument(str(e)) from None
+        data = parse_json(raw)
+        if not isinstance(data, dict):
+            raise err.InvalidArgument("request body must be a JSON object")
+        if r.attributes is not None:  # template keys in any case
+            upper = {str(k).upper(): v for k, v in data.items()}
+            if len(upper) != len(data):
+                raise err.InvalidArgument("request body names a field twice (keys in any case)")
+            data = upper
+        check(data, schema, "")
+    return ApiRequest(**{f.name: getattr(req, f.name) for f in fields(Request)}, data=data)
 
 
 def caller_of(request: Request) -> Caller:
@@ -117,9 +182,9 @@ async def list_backends(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/backends", "Create a backend from template attributes (NAME, TM, TM_RAW, ...)",
-       body=BACKEND, required=("NAME", "TM"), attributes=ATTRIBUTE)
-async def create_backend(svc: Service, req: Request) -> Any:
-    return Response.json(await svc.create_backend(caller_of(req), await _object(req)), 201)
+       body=BACKEND, required=("NAME", "TM"), attributes=ATTRIBUTE, ok=(201,))
+async def create_backend(svc: Service, req: ApiRequest) -> Any:
+    return Response.json(await svc.create_backend(caller_of(req), req.data), 201)
 
 
 @route("GET", "/v1/backends/{ref}", "Show one backend (by name or ID) with its images")
@@ -129,12 +194,12 @@ async def show_backend(svc: Service, req: Request, ref: str) -> Any:
 
 @route("PATCH", "/v1/backends/{ref}", "Update a backend's attributes (merge; empty removes)",
        body=BACKEND, attributes=ATTRIBUTE)
-async def update_backend(svc: Service, req: Request, ref: str) -> Any:
-    return await svc.update_backend(caller_of(req), ref, await _object(req))
+async def update_backend(svc: Service, req: ApiRequest, ref: str) -> Any:
+    return await svc.update_backend(caller_of(req), ref, req.data)
 
 
 @route("DELETE", "/v1/backends/{ref}", "Delete a backend (refused while it holds images)",
-       query={"force": FLAG})
+       query={"force": FLAG}, ok=(204,))
 async def delete_backend(svc: Service, req: Request, ref: str) -> Any:
     await svc.delete_backend(caller_of(req), ref, force=_flag(req.query.get("force", "")))
     return Response(204)
@@ -154,10 +219,12 @@ async def disable_backend(svc: Service, req: Request, ref: str) -> Any:
 
 
 PLACE: dict[str, Schema] = {  # placement options for `auto:` addresses
-    "requirements": {"type": "string", "description": "an expression every candidate must meet"},
-    "rank": {"type": "string", "description": "an expression; the highest value wins"},
-    "policy": {"type": "string", "description": "cost, packing, striping or fixed"},
-    "role": {"type": "string", "description": "SAN (default), REPOSITORY or ANY"},
+    "requirements": {"type": "string", "maxLength": PATH_MAX,
+                     "description": "an expression every candidate must meet"},
+    "rank": {"type": "string", "maxLength": PATH_MAX,
+             "description": "an expression; the highest value wins"},
+    "policy": {"type": "string", "maxLength": 32, "description": "cost, packing, striping or fixed"},
+    "role": {"type": "string", "maxLength": 32, "description": "SAN (default), REPOSITORY or ANY"},
 }
 
 
@@ -166,9 +233,9 @@ def _place(data: dict[str, Any]) -> dict[str, Any]:
 
 
 @route("POST", "/v1/images/allocate", "allocate: a new (sparse) image; address auto:PATH places it",
-       body={"address": ADDRESS, "size": SIZE, **PLACE}, required=("address", "size"))
-async def allocate(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+       body={"address": ADDRESS, "size": SIZE, **PLACE}, required=("address", "size"), ok=(201,))
+async def allocate(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     info = await svc.allocate(_arg(data, "address"), _arg(data, "size"), caller_of(req),
                               place=_place(data))
     return Response.json(info, 201)
@@ -176,23 +243,23 @@ async def allocate(svc: Service, req: Request) -> Any:
 
 @route("POST", "/v1/placement", "Every backend's verdict for a new image of `size` (a dry run)",
        body={"size": SIZE, **PLACE}, required=("size",))
-async def place(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+async def place(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     return await svc.explain(caller_of(req), _arg(data, "size"), **_place(data))
 
 
 @route("POST", "/v1/images/resize", "resize: grow (or shrink with shrink=true)",
        body={"address": ADDRESS, "size": SIZE, "shrink": FLAG}, required=("address", "size"))
-async def resize(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+async def resize(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     return await svc.resize(_arg(data, "address"), _arg(data, "size"), caller_of(req),
                             shrink=_flag(data.get("shrink", False)))
 
 
 @route("POST", "/v1/images/delete", "delete: remove an image (refused while attached)",
-       body={"address": ADDRESS}, required=("address",))
-async def delete(svc: Service, req: Request) -> Any:
-    await svc.delete(_arg(await _object(req), "address"), caller_of(req))
+       body={"address": ADDRESS}, required=("address",), ok=(204,))
+async def delete(svc: Service, req: ApiRequest) -> Any:
+    await svc.delete(_arg(req.data, "address"), caller_of(req))
     return Response(204)
 
 
@@ -209,25 +276,26 @@ async def info(svc: Service, req: Request) -> Any:
 
 
 @route("POST", "/v1/images/clone", "clone: COW/reflink inside a backend, a copy across; dst "
-       "auto:PATH places it", body={"src": ADDRESS, "dst": ADDRESS, **PLACE}, required=("src", "dst"))
-async def clone(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+       "auto:PATH places it", body={"src": ADDRESS, "dst": ADDRESS, **PLACE}, required=("src", "dst"),
+       ok=(201,))
+async def clone(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     return Response.json(await svc.clone(_arg(data, "src"), _arg(data, "dst"), caller_of(req),
                                          place=_place(data)), 201)
 
 
 @route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host",
-       body={"address": ADDRESS, "path": STRING, "host": HOST}, required=("address", "path"))
-async def attach(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+       body={"address": ADDRESS, "path": LINK, "host": HOST}, required=("address", "path"), ok=(201,))
+async def attach(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     return Response.json(await svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
                                     data.get("host")), 201)
 
 
 @route("POST", "/v1/images/detach", "detach: forget an attachment",
-       body={"address": ADDRESS, "path": STRING, "host": HOST}, required=("address", "path"))
-async def detach(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+       body={"address": ADDRESS, "path": LINK, "host": HOST}, required=("address", "path"), ok=(204,))
+async def detach(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     await svc.detach(_arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"))
     return Response(204)
 
@@ -257,7 +325,7 @@ async def read(svc: Service, req: Request) -> Any:
 @route("PUT", "/v1/images/data", "write (replace, creating if missing) / push (new image only)",
        query={"address": ADDRESS, "mode": {"type": "string", "enum": ["write", "push"]},
               "size": {**SIZE, "description": "what placement reserves for a new image"}, **PLACE},
-       required=("address",), raw=True)
+       required=("address",), raw=True, ok=(200, 201))
 async def write(svc: Service, req: Request) -> Any:
     address = _arg(req.query, "address")
     mode = req.query.get("mode", "write")
@@ -291,8 +359,8 @@ async def write(svc: Service, req: Request) -> Any:
 
 @route("POST", "/v1/images/break-lease", "Break the write lease of a host that died holding it",
        body={"address": ADDRESS, "force": FLAG}, required=("address",))
-async def break_lease(svc: Service, req: Request) -> Any:
-    data = await _object(req)
+async def break_lease(svc: Service, req: ApiRequest) -> Any:
+    data = req.data
     return await svc.break_lease(_arg(data, "address"), caller_of(req), force=_flag(data.get("force")))
 
 
@@ -318,45 +386,43 @@ async def openapi(svc: Service, req: Request) -> Any:
     return openapi_document()
 
 
+ERROR: Schema = {"type": "object", "required": ["error", "message"],
+                 "properties": {"error": {"type": "string"}, "message": {"type": "string"},
+                                "hint": {"type": ["string", "null"]}}}
+JSON_ANSWER = {"application/json": {"schema": {"type": ["object", "array"]}}}
+RAW = {"application/octet-stream": {"schema": {"type": "string",
+                                               "contentMediaType": "application/octet-stream"}}}
+
+
 def openapi_document() -> dict[str, Any]:
+    failed = {"description": "refused or failed: {error, message, hint}",
+              "content": {"application/json": {"schema": ERROR}}}
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
+        responses: dict[str, Any] = {}
+        for status in r.ok:
+            responses[str(status)] = {"description": "success"}
+            if status != 204:
+                responses[str(status)]["content"] = RAW if r.func is read else JSON_ANSWER
+        responses["4XX"] = responses["5XX"] = failed
         op: dict[str, Any] = {"summary": r.summary, "operationId": r.func.__name__,
-                              "responses": {"200": {"description": "success"},
-                                            "4XX": {"description": "bad request: "
-                                                    "{error, message, hint}"}}}
+                              "responses": responses}
         params = [{"name": n, "in": "path", "required": True, "schema": STRING}
                   for n in re.findall(r"\{(\w+)\}", r.pattern)]
         params += [{"name": n, "in": "query", "required": n in r.required, "schema": schema}
                    for n, schema in r.query.items()]
         if params:
             op["parameters"] = params
+        schema = r.body_schema
         if r.raw:
-            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}}
-        elif r.body or r.attributes:
-            schema: Schema = {"type": "object", "properties": r.body}
-            if r.attributes:
-                schema["additionalProperties"] = r.attributes
-            required = [n for n in r.required if n in r.body]
-            if required:
-                schema["required"] = required
-            op["requestBody"] = {"required": bool(required),
+            op["requestBody"] = {"required": True, "content": RAW}
+        elif schema is not None:
+            op["requestBody"] = {"required": bool(schema.get("required")),
                                  "content": {"application/json": {"schema": schema}}}
         paths.setdefault(r.pattern, {})[r.method.lower()] = op
     return {"openapi": "3.1.0",
             "info": {"title": "tm2fs control API", "version": __version__},
             "paths": paths}
-
-
-async def _object(req: Request) -> dict[str, Any]:
-    try:
-        data = await req.json()
-    except (ValueError, UnicodeDecodeError) as e:
-        raise err.InvalidArgument(f"request body is not JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise err.InvalidArgument("request body must be a JSON object")
-    return data
 
 
 def tm2_error(e: BaseException) -> err.Tm2Error | None:
@@ -399,7 +465,7 @@ def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
                 allowed.append(r.method)
                 continue
             try:
-                result = await r.func(svc, req, **m.groupdict())
+                result = await r.func(svc, await checked(r, req), **m.groupdict())
             except Exception as e:
                 response = error_response(req, e)
                 if response is None:
@@ -407,8 +473,10 @@ def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
                 return response
             return result if isinstance(result, Response) else Response.json(result)
         if allowed:
-            return Response.json({"error": "invalid_argument",
-                                  "message": f"{req.method} not allowed on {req.path}"}, 405)
+            response = Response.json({"error": "invalid_argument",
+                                      "message": f"{req.method} not allowed on {req.path}"}, 405)
+            response.headers.append(("allow", ", ".join(allowed)))
+            return response
         return Response.json({"error": "not_found", "message": f"no route {req.path}",
                               "hint": "GET /openapi.json lists the routes"}, 404)
 

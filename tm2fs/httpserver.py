@@ -314,7 +314,7 @@ async def _connection(stream: trio.SocketStream, peer: Peer, handler: Handler,
             await _send(wire, response)
             async for _ in request.body:  # drain what the handler did not read
                 pass
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            if {conn.our_state, conn.their_state} & {h11.MUST_CLOSE, h11.ERROR}:
                 return
             conn.start_next_cycle()
     except h11.RemoteProtocolError as e:

@@ -8,12 +8,21 @@ NAME_MAX = 255
 AUTO = "auto"  # `auto:IMAGE`: let placement choose the backend
 
 
+def _is_control(c: str) -> bool:
+    """C0 (newline, tab, escape, ...), DEL and C1: what breaks a table or drives a terminal."""
+    return ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0
+
+
 def check_name(name: str, what: str = "name") -> str:
     """A single path component: what POSIX allows, and nothing a script could trip over."""
     if not isinstance(name, str) or name == "":
         raise InvalidArgument(f"{what} is empty", "give a non-empty name")
     if "\0" in name:
         raise InvalidArgument(f"{what} {name!r} contains a NUL byte")
+    control = next((c for c in name if _is_control(c)), None)
+    if control is not None:
+        raise InvalidArgument(f"{what} {name!r} contains the control character {control!r}",
+                              "names are printed one per line in tables: use visible characters")
     if "/" in name:
         raise InvalidArgument(f"{what} {name!r} contains '/'", "use a single path component")
     if name in (".", ".."):

@@ -9,7 +9,8 @@ from .errors import FileTooBig, InvalidArgument
 MAX_SIZE = 2**63 - 1  # off_t; anything larger no backend can hold
 #: binary units of sizes as written; the requirements and rank expressions read sizes with them too
 UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50, "E": 2**60}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(I?B)?\s*$", re.IGNORECASE)
+# digits bounded: 40 are past any size already; 5,000 would overflow int() and float()
+_SIZE = re.compile(r"^\s*(\d{1,40}(?:\.\d{1,40})?)\s*([KMGTPE]?)(I?B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str | int) -> int:
@@ -20,14 +21,14 @@ def parse_size(text: str | int) -> int:
         match = _SIZE.match(str(text))
         if not match:
             raise InvalidArgument(
-                f"size {text!r} is not understood", "write a number of bytes or e.g. 512M, 10G, 1T"
+                f"size {text!r:.60} is not understood", "write a number of bytes or e.g. 512M, 10G, 1T"
             )
         number, unit = match.group(1), match.group(2).upper()
         value = int(float(number) * UNITS[unit]) if "." in number else int(number) * UNITS[unit]
     if value < 0:
         raise InvalidArgument(f"size {text!r} is negative")
     if value > MAX_SIZE:
-        raise FileTooBig(f"size {text!r} is larger than any backend can hold (8 EiB)")
+        raise FileTooBig(f"size {text!r:.60} is larger than any backend can hold (8 EiB)")
     return value
 
 

@@ -1,64 +1,125 @@
 """OpenNebula-style templates: `NAME = ssd1`, `TAGS = "SSD,ISCSI"`, `TM_RAW = [ PATH = "/srv" ]`.
 
-The same format admins already write for `onedatastore create`; parsed with shlex (quotes and
-escapes as a shell would read them, but nothing is ever run).
+The same format admins already write for `onedatastore create`, spaced or compact
+(`TM_RAW=[PATH="/srv"]`). Quotes and escapes read as a shell would (a quoted `=` or `]` is a
+value, never syntax), `#` starts a comment; nothing is ever run.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgument
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SYNTAX = "=[],"
+
+
+@dataclass(frozen=True)
+class _Token:
+    text: str
+    syntax: bool  # one of = [ ] , outside quotes
+
+    def is_(self, char: str) -> bool:
+        return self.syntax and self.text == char
 
 
 def parse_template(text: str) -> dict[str, Any]:
     """KEY=VALUE pairs separated by newlines, spaces or commas; KEY=[ ... ] nests one level."""
-    lexer = shlex.shlex(text, posix=True, punctuation_chars="=[],")
-    lexer.whitespace_split = True
-    lexer.commenters = "#"
-    try:
-        tokens = list(lexer)
-    except ValueError as e:
-        raise InvalidArgument(f"template: {e}", "check the quotes") from None
-    out, _ = _pairs(tokens, 0, nested=False)
+    out, _ = _pairs(_tokens(text), 0, None)
     return out
 
 
-def _pairs(tokens: list[str], pos: int, nested: bool) -> tuple[dict[str, Any], int]:
+def _tokens(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif c in _SYNTAX:
+            tokens.append(_Token(c, True))
+            i += 1
+        else:
+            word, i = _word(text, i)
+            tokens.append(_Token(word, False))
+    return tokens
+
+
+def _word(text: str, i: int) -> tuple[str, int]:
+    """A value or key up to a space, `#` or syntax character; quoted parts may hold anything."""
+    out: list[str] = []
+    n = len(text)
+    while i < n and not text[i].isspace() and text[i] not in _SYNTAX + "#":
+        c = text[i]
+        if c == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise InvalidArgument("template: no closing quotation (')", "check the quotes")
+            out.append(text[i + 1:end])
+            i = end + 1
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                if text[i] == "\\" and i + 1 < n and text[i + 1] in '"\\':
+                    i += 1
+                out.append(text[i])
+                i += 1
+            if i >= n:
+                raise InvalidArgument('template: no closing quotation (")', "check the quotes")
+            i += 1
+        elif c == "\\":
+            if i + 1 >= n:
+                raise InvalidArgument("template: nothing after '\\' at the end", "check the quotes")
+            out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out), i
+
+
+def _pairs(tokens: list[_Token], pos: int, vector: str | None) -> tuple[dict[str, Any], int]:
+    """The pairs from `pos`: of the whole template, or inside `vector = [ ... ]`."""
     out: dict[str, Any] = {}
     while pos < len(tokens):
         tok = tokens[pos]
-        if tok == ",":
+        if tok.is_(","):
             pos += 1
             continue
-        if tok == "]":
-            if nested:
+        if tok.is_("]"):
+            if vector is not None:
                 return out, pos + 1
             raise InvalidArgument("template: unexpected ']'")
-        if not _KEY.match(tok):
-            raise InvalidArgument(f"template: {tok!r} is not an attribute name",
+        if tok.syntax or not _KEY.match(tok.text):
+            raise InvalidArgument(f"template: {tok.text!r} is not an attribute name",
                                   "write NAME = value, one per line")
-        if pos + 2 > len(tokens) or tokens[pos + 1] != "=":
-            raise InvalidArgument(f"template: '=' expected after {tok}")
-        key = tok.upper()
-        if pos + 2 == len(tokens):
-            out[key] = ""
-            return out, pos + 2
-        value_tok = tokens[pos + 2]
-        value: dict[str, Any] | str
-        if value_tok == "[":
-            value, pos = _pairs(tokens, pos + 3, nested=True)
-        elif value_tok in ("=", "]", ","):
-            value, pos = "", pos + 2
+        if pos + 1 >= len(tokens) or not tokens[pos + 1].is_("="):
+            raise InvalidArgument(f"template: '=' expected after {tok.text}")
+        key = tok.text.upper()
+        pos += 2
+        following = tokens[pos] if pos < len(tokens) else None
+        value: dict[str, Any] | str = ""
+        if following is None or following.is_(",") or following.is_("]"):
+            pass  # an empty value
+        elif following.is_("["):
+            if vector is not None:
+                raise InvalidArgument(f"template: {vector} = [ {tok.text} = [ ...: a vector "
+                                      "attribute holds single values only")
+            value, pos = _pairs(tokens, pos + 1, tok.text)
+        elif following.syntax:
+            raise InvalidArgument(f"template: a value expected after {tok.text} =, not "
+                                  f"{following.text!r}", "quote a value that holds = [ ] or ,")
         else:
-            value, pos = value_tok, pos + 3
+            value, pos = following.text, pos + 1
         out[key] = value
-    if nested:
-        raise InvalidArgument("template: ']' missing")
+    if vector is not None:
+        raise InvalidArgument(f"template: ']' missing after {vector} = [ ...")
     return out, pos
 
 
