@@ -185,7 +185,7 @@ class Backends:
 
         def work(tx: Tx) -> None:
             tx.set_host_backend(self.host, b.id, "ERROR", message)
-            current = tx.backend(b.id)
+            current = tx.lock_backend(b.id)  # a concurrent disable is not overwritten
             if current and current.state != "DISABLED" and not self._reached_elsewhere(tx, b.id):
                 tx.update_backend(b.id, state="ERROR", error=message)
             elif current:
@@ -233,7 +233,7 @@ class Backends:
         total, free, used = capped(cap, b.capacity)
 
         def work(tx: Tx) -> None:
-            current = tx.backend(b.id)
+            current = tx.lock_backend(b.id)  # a concurrent disable is not overwritten
             if current is None:
                 return
             state = "DISABLED" if current.state == "DISABLED" else "READY"
