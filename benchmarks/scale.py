@@ -49,6 +49,7 @@ from tm2fs.store import schema
 M = 2**20
 TICK = os.sysconf("SC_CLK_TCK")
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))
+API_POLL = 0.005  # seconds between API polls (a stat is cheap; an API call is not)
 REQUIREMENTS = 'NAME = "cap*"'  # placements only on the capped backends, never on `local`
 
 
@@ -62,6 +63,7 @@ class Stats:
         self.changes: collections.Counter[str] = collections.Counter()
         self.propagation: dict[str, list[float]] = collections.defaultdict(list)
         self.missed: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}  # the first message of each kind of refusal
 
     def count(self, counter: str, key: str) -> None:
         with self.lock:
@@ -196,6 +198,7 @@ def placer(d: Daemon, k: int, image: int, keep: int, stop: threading.Event, s: S
             except Tm2Error as e:
                 code = getattr(e, "code", type(e).__name__)
                 s.count("refused", code)
+                s.examples.setdefault(code, str(e))
                 if own:
                     change(c, s, "delete", {"address": own.popleft()})  # give room back
                 else:
@@ -225,15 +228,16 @@ class Stopped(Exception):
     """The run ended while a prober waited."""
 
 
-def until(check: Callable[[], bool], timeout: float, stop: threading.Event) -> float | None:
-    """Seconds until `check()` holds, polled every 0.5 ms; None if it never did."""
+def until(check: Callable[[], bool], timeout: float, stop: threading.Event,
+          every: float = 0.0005) -> float | None:
+    """Seconds until `check()` holds, polled `every` s; None if it never did."""
     t = time.perf_counter()
     while not check():
         if stop.is_set():
             raise Stopped
         if time.perf_counter() - t > timeout:
             return None
-        time.sleep(0.0005)
+        time.sleep(every)
     return time.perf_counter() - t
 
 
@@ -260,8 +264,8 @@ def prober(j: int, daemons: list[Daemon], stop: threading.Event, s: Stats,
     backend = f"probe{j}"
     i = 0
 
-    def timed(kind: str, check: Callable[[], bool]) -> None:
-        dt = until(check, timeout, stop)
+    def timed(kind: str, check: Callable[[], bool], every: float = 0.0005) -> None:
+        dt = until(check, timeout, stop, every)
         if dt is None:
             s.count("missed", kind)
             if kind == "backend state":
@@ -281,7 +285,8 @@ def prober(j: int, daemons: list[Daemon], stop: threading.Event, s: Stats,
             address = f"{backend}:{name}"
             try:
                 _, a, b, _ = pair()
-                until(lambda a=a: state(a, backend) == "READY", 60, stop)  # after the last enable
+                until(lambda a=a: state(a, backend) == "READY", 60, stop,
+                      API_POLL)  # after the last enable
                 seen = b.mnt / backend / name
                 assert not exists(seen)  # B now caches "no such file"
                 a.call("POST", "/v1/images/allocate", {"address": address, "size": M})
@@ -306,7 +311,8 @@ def prober(j: int, daemons: list[Daemon], stop: threading.Event, s: Stats,
                 timed("backend mode", lambda f=folder, m=mode: mode_of(f) == m)
                 _, a, _, bc = pair()
                 a.call("POST", f"/v1/backends/{backend}/disable")
-                timed("backend state", lambda bc=bc: state(bc, backend) == "DISABLED")
+                timed("backend state", lambda bc=bc: state(bc, backend) == "DISABLED",
+                      API_POLL)
                 a.call("POST", f"/v1/backends/{backend}/enable")
             except Stopped:
                 break
@@ -458,6 +464,8 @@ def report(args: argparse.Namespace, s: Stats, window: float, startup: float, sh
     print(f"  placements: {placed} ok ({rate:.1f}/s), p50 {pct(s.placed, .5) * 1e3:.0f} ms, "
           f"p99 {pct(s.placed, .99) * 1e3:.0f} ms, max {max(s.placed, default=0) * 1e3:.0f} ms; "
           f"refused {dict(s.refused)}")
+    for code, message in s.examples.items():
+        print(f"    e.g. {code}: {message}")
     print(f"  other changes by the placement clients: {dict(s.changes)}")
     print(f"  {'propagation A -> B':<20}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'missed':>8}")
@@ -484,6 +492,9 @@ def report(args: argparse.Namespace, s: Stats, window: float, startup: float, sh
         print(f"  {name:<10}{allocated / M:>15.0f}{held / M:>14.0f}{limit / M:>11.0f}  "
               f"{'OVER' if bad else 'ok'}")
     cpu_per = (cpu_d + cpu_pg) / placed * 1e3 if placed else float("nan")
+    attempts = placed + sum(s.refused.values())
+    print(f"  daemons + PostgreSQL CPU per placement {cpu_per:.1f} ms, per attempt (refusals "
+          f"too) {(cpu_d + cpu_pg) / max(1, attempts) * 1e3:.1f} ms")
     print(f"scale: {n} hosts, {rate:.1f} placements/s, placement p99 "
           f"{pct(s.placed, .99) * 1e3:.0f} ms, propagation p99 {pct(every, .99) * 1e3:.0f} ms, "
           f"over-commit {sum(o[4] for o in over)}, cpu per placement {cpu_per:.1f} ms, "
@@ -496,7 +507,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=2, help="placement clients per daemon")
-    parser.add_argument("--probers", type=int, default=4, help="propagation probers at once")
+    parser.add_argument("--probers", type=int, default=8, help="propagation probers at once")
     parser.add_argument("--backends", type=int, default=4, help="capped dir backends")
     parser.add_argument("--capacity", default="512M", help="CAPACITY of each capped backend")
     parser.add_argument("--image", type=int, default=16, help="placed image size, MiB")
