@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.daemon import Daemon
 from tests.servers.postgres import PostgresServer
 from tm2fs.client import Client
-from tm2fs.errors import Tm2Error
+from tm2fs.errors import StoreUnavailable, Tm2Error
 from tm2fs.mounts import is_mounted
 from tm2fs.store import schema
 
@@ -128,13 +128,42 @@ def machine_busy() -> tuple[int, int]:
 # ---------------------------------------------------------------------- setup
 
 
+class BenchDaemon(Daemon):
+    """tests/daemon.py's Daemon, started the same way but checked for readiness in-process
+    (`GET /v1/health`) instead of by a CLI subprocess every 50 ms: with a hundred daemons
+    starting, those subprocesses were most of the startup's CPU."""
+
+    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> Daemon:
+        cmd = [sys.executable, "-m", "tm2fs.daemon", "--state-dir", str(self.state),
+               "--socket", str(self.sock), "--host", self.host, *self.extra,
+               "--db", self.db_url, str(self.mnt)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env or self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tm2fs exited with {self.proc.returncode}:\n{self.logs()}")
+            if is_mounted(self.mnt) and self.sock.exists():
+                c = Client(str(self.sock), timeout=10)
+                try:
+                    c.call("GET", "/v1/health")
+                    return self
+                except Tm2Error:
+                    pass
+                finally:
+                    c.close()
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"tm2fs did not come up in {timeout}s:\n{self.logs()}")
+
+
 def start_daemons(root: Path, url: str, n: int, parallel: int,
                   daemons: list[Daemon]) -> float:
     """Host 0 first (it makes the schema and `local`), the rest `parallel` at a time. The
     Daemon objects are in `daemons` before any starts, so the caller can always stop them all."""
     for i in range(n):
         (root / f"h{i}").mkdir()
-        daemons.append(Daemon(root / f"h{i}", db_url=url, host=f"h{i}",
+        daemons.append(BenchDaemon(root / f"h{i}", db_url=url, host=f"h{i}",
                               extra=("--monitor-interval", "30")))
     t0 = time.perf_counter()
     daemons[0].start(timeout=120)
@@ -147,19 +176,33 @@ def start_daemons(root: Path, url: str, n: int, parallel: int,
     return time.perf_counter() - t0
 
 
-def make_backends(root: Path, d: Daemon, count: int, capacity: str, probes: int) -> None:
+def make_backends(root: Path, d: Daemon, count: int, capacity: str, probes: int) -> int:
+    """The capped backends and the probers' own; returns how many creates the store stalled
+    on (StoreUnavailable: "may still be made", so look, and retry only if it was not)."""
     c = Client(str(d.sock))
-    for i in range(count):
-        (root / "backends" / f"cap{i}").mkdir(parents=True)
-        c.call("POST", "/v1/backends", {"NAME": f"cap{i}", "TM": "dir",
-                                        "TM_RAW": {"PATH": str(root / "backends" / f"cap{i}")},
-                                        "CAPACITY": capacity, "RESERVED": "5%"})
-    for j in range(probes):
-        (root / "backends" / f"probe{j}").mkdir(parents=True)
-        c.call("POST", "/v1/backends", {"NAME": f"probe{j}", "TM": "dir", "ROLE": "REPOSITORY",
-                                        "TM_RAW": {"PATH": str(root / "backends" / f"probe{j}")},
-                                        "PERMISSIONS": "0755"})
-    c.close()
+    stalls = 0
+    specs = [{"NAME": f"cap{i}", "TM": "dir", "CAPACITY": capacity, "RESERVED": "5%"}
+             for i in range(count)]
+    specs += [{"NAME": f"probe{j}", "TM": "dir", "ROLE": "REPOSITORY", "PERMISSIONS": "0755"}
+              for j in range(probes)]
+    try:
+        for spec in specs:
+            path = root / "backends" / spec["NAME"]
+            path.mkdir(parents=True)
+            for _ in range(10):
+                try:
+                    c.call("POST", "/v1/backends", {**spec, "TM_RAW": {"PATH": str(path)}})
+                    break
+                except StoreUnavailable:
+                    stalls += 1
+                    time.sleep(2)
+                    if spec["NAME"] in {b["NAME"] for b in c.call("GET", "/v1/backends")}:
+                        break
+            else:
+                raise RuntimeError(f"could not create backend {spec['NAME']}")
+    finally:
+        c.close()
+    return stalls
 
 
 def wait_ready(daemons: list[Daemon], names: set[str], timeout: float = 60) -> None:
@@ -405,10 +448,13 @@ def measure(args: argparse.Namespace, root: Path, daemons: list[Daemon],
     url = pg.new_database("bench")
     startup = start_daemons(root, url, n, args.parallel_start, daemons)
     print(f"  {n} daemons up in {startup:.1f} s ({startup / n * 1e3:.0f} ms each)", flush=True)
-    make_backends(root, daemons[0], args.backends, args.capacity, args.probers)
+    t = time.perf_counter()
+    stalls = make_backends(root, daemons[0], args.backends, args.capacity, args.probers)
     names = {f"cap{i}" for i in range(args.backends)} | {f"probe{j}"
                                                         for j in range(args.probers)}
-    wait_ready(daemons, names)
+    wait_ready(daemons, names, timeout=300)
+    print(f"  {len(names)} backends READY on every host in {time.perf_counter() - t:.1f} s "
+          f"(creates the pool store stalled on: {stalls})", flush=True)
     dpids = [d.proc.pid for d in daemons if d.proc]
     stop, watch_stop = threading.Event(), threading.Event()
     s = Stats()
