@@ -205,14 +205,20 @@ def make_backends(root: Path, d: Daemon, count: int, capacity: str, probes: int)
     return stalls
 
 
-def wait_ready(daemons: list[Daemon], names: set[str], timeout: float = 60) -> None:
-    """Every host sees every new backend READY (a host places only on READY backends)."""
+def wait_ready(daemons: list[Daemon], names: set[str], timeout: float = 60) -> int:
+    """Every host sees every new backend READY (a host places only on READY backends); returns
+    how many of its looks the pool store stalled on."""
     deadline = time.monotonic() + timeout
+    stalls = 0
     for d in daemons:
         c = Client(str(d.sock))
         try:
             while True:
-                states = {b["NAME"]: b["STATE"] for b in c.call("GET", "/v1/backends")}
+                try:
+                    states = {b["NAME"]: b["STATE"] for b in c.call("GET", "/v1/backends")}
+                except StoreUnavailable:
+                    stalls += 1
+                    states = {}
                 if all(states.get(n) == "READY" for n in names):
                     break
                 if time.monotonic() > deadline:
@@ -220,6 +226,7 @@ def wait_ready(daemons: list[Daemon], names: set[str], timeout: float = 60) -> N
                 time.sleep(0.2)
         finally:
             c.close()
+    return stalls
 
 
 # ---------------------------------------------------------------------- load
@@ -452,9 +459,9 @@ def measure(args: argparse.Namespace, root: Path, daemons: list[Daemon],
     stalls = make_backends(root, daemons[0], args.backends, args.capacity, args.probers)
     names = {f"cap{i}" for i in range(args.backends)} | {f"probe{j}"
                                                         for j in range(args.probers)}
-    wait_ready(daemons, names, timeout=300)
+    stalls_ready = wait_ready(daemons, names, timeout=300)
     print(f"  {len(names)} backends READY on every host in {time.perf_counter() - t:.1f} s "
-          f"(creates the pool store stalled on: {stalls})", flush=True)
+          f"(pool store stalls: {stalls} creates, {stalls_ready} listings)", flush=True)
     dpids = [d.proc.pid for d in daemons if d.proc]
     stop, watch_stop = threading.Event(), threading.Event()
     s = Stats()
