@@ -335,8 +335,11 @@ def prober(j: int, daemons: list[Daemon], stop: threading.Event, s: Stats,
             address = f"{backend}:{name}"
             try:
                 _, a, b, _ = pair()
-                until(lambda a=a: state(a, backend) == "READY", 60, stop,
-                      API_POLL)  # after the last enable
+                if until(lambda a=a: state(a, backend) == "READY", timeout, stop,
+                         API_POLL) is None:  # after the last enable: lost to a monitor?
+                    s.count("missed", f"probe backend not READY on A after {timeout:g} s "
+                            f"(A shows {state(a, backend)})")
+                    continue
                 seen = b.mnt / backend / name
                 assert not exists(seen)  # B now caches "no such file"
                 a.call("POST", "/v1/images/allocate", {"address": address, "size": M})
