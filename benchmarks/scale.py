@@ -232,9 +232,9 @@ def wait_ready(daemons: list[Daemon], names: set[str], timeout: float = 60) -> i
 # ---------------------------------------------------------------------- load
 
 
-def placer(d: Daemon, k: int, image: int, keep: int, stop: threading.Event, s: Stats) -> None:
+def placer(d: Daemon, c: Client, k: int, image: int, keep: int, stop: threading.Event,
+           s: Stats) -> None:
     """Place, keep `keep` images, grow every fourth, delete the oldest: hosts race for room."""
-    c = Client(str(d.sock), timeout=60)
     own: collections.deque[str] = collections.deque()
     i = 0
     try:
@@ -306,11 +306,12 @@ def mode_of(p: Path) -> int:
     return os.lstat(p).st_mode & 0o7777
 
 
-def prober(j: int, daemons: list[Daemon], stop: threading.Event, s: Stats,
-           timeout: float) -> None:
-    """One probe backend of its own; each step a fresh random pair A -> B."""
+def prober(j: int, daemons: list[Daemon], clients: dict[str, Client], stop: threading.Event,
+           s: Stats, timeout: float) -> None:
+    """One probe backend of its own; each step a fresh random pair A -> B. `clients` (one per
+    host) are shared by the probers: an httpx client is thread-safe, and making one builds an
+    SSL context, which is slow enough under load to stall a prober for the whole run."""
     rng = random.Random(j)
-    clients = {d.host: Client(str(d.sock), timeout=60) for d in daemons}
     backend = f"probe{j}"
     i = 0
 
@@ -328,53 +329,49 @@ def prober(j: int, daemons: list[Daemon], stop: threading.Event, s: Stats,
         a, b = rng.sample(daemons, 2)
         return a, clients[a.host], b, clients[b.host]
 
-    try:
-        while not stop.is_set():
-            i += 1
-            name = f"p{i}.img"
-            address = f"{backend}:{name}"
-            try:
-                _, a, b, _ = pair()
-                if until(lambda a=a: state(a, backend) == "READY", timeout, stop,
-                         API_POLL) is None:  # after the last enable: lost to a monitor?
-                    s.count("missed", f"probe backend not READY on A after {timeout:g} s "
-                            f"(A shows {state(a, backend)})")
-                    continue
-                seen = b.mnt / backend / name
-                assert not exists(seen)  # B now caches "no such file"
-                a.call("POST", "/v1/images/allocate", {"address": address, "size": M})
-                timed("create", lambda seen=seen: exists(seen))
-                ad, a, b, _ = pair()
-                until(lambda p=ad.mnt / backend / name: exists(p), timeout, stop)  # A knows it
-                seen = b.mnt / backend / name
-                size_of(seen)  # B caches the old size
-                a.call("POST", "/v1/images/resize", {"address": address, "size": 2 * M})
-                timed("resize", lambda seen=seen: size_of(seen) == 2 * M)
-                ad, a, b, _ = pair()
-                until(lambda p=ad.mnt / backend / name: size_of(p) == 2 * M, timeout, stop)
-                seen = b.mnt / backend / name
-                exists(seen)
-                a.call("POST", "/v1/images/delete", {"address": address})
-                timed("delete", lambda seen=seen: not exists(seen))
-                ad, a, b, _ = pair()
-                mode = 0o775 if mode_of(ad.mnt / backend) == 0o755 else 0o755
-                folder = b.mnt / backend
-                mode_of(folder)
-                a.call("PATCH", f"/v1/backends/{backend}", {"PERMISSIONS": f"{mode:04o}"})
-                timed("backend mode", lambda f=folder, m=mode: mode_of(f) == m)
-                _, a, _, bc = pair()
-                a.call("POST", f"/v1/backends/{backend}/disable")
-                timed("backend state", lambda bc=bc: state(bc, backend) == "DISABLED",
-                      API_POLL)
-                a.call("POST", f"/v1/backends/{backend}/enable")
-            except Stopped:
-                break
-            except Tm2Error as e:  # counted; the next round starts afresh
-                s.count("missed", f"probe step failed ({getattr(e, 'code', type(e).__name__)})")
-                stop.wait(0.1)
-    finally:
-        for c in clients.values():
-            c.close()
+    while not stop.is_set():
+        i += 1
+        name = f"p{i}.img"
+        address = f"{backend}:{name}"
+        try:
+            _, a, b, _ = pair()
+            if until(lambda a=a: state(a, backend) == "READY", timeout, stop,
+                     API_POLL) is None:  # after the last enable: lost to a monitor?
+                s.count("missed", f"probe backend not READY on A after {timeout:g} s "
+                        f"(A shows {state(a, backend)})")
+                continue
+            seen = b.mnt / backend / name
+            assert not exists(seen)  # B now caches "no such file"
+            a.call("POST", "/v1/images/allocate", {"address": address, "size": M})
+            timed("create", lambda seen=seen: exists(seen))
+            ad, a, b, _ = pair()
+            until(lambda p=ad.mnt / backend / name: exists(p), timeout, stop)  # A knows it
+            seen = b.mnt / backend / name
+            size_of(seen)  # B caches the old size
+            a.call("POST", "/v1/images/resize", {"address": address, "size": 2 * M})
+            timed("resize", lambda seen=seen: size_of(seen) == 2 * M)
+            ad, a, b, _ = pair()
+            until(lambda p=ad.mnt / backend / name: size_of(p) == 2 * M, timeout, stop)
+            seen = b.mnt / backend / name
+            exists(seen)
+            a.call("POST", "/v1/images/delete", {"address": address})
+            timed("delete", lambda seen=seen: not exists(seen))
+            ad, a, b, _ = pair()
+            mode = 0o775 if mode_of(ad.mnt / backend) == 0o755 else 0o755
+            folder = b.mnt / backend
+            mode_of(folder)
+            a.call("PATCH", f"/v1/backends/{backend}", {"PERMISSIONS": f"{mode:04o}"})
+            timed("backend mode", lambda f=folder, m=mode: mode_of(f) == m)
+            _, a, _, bc = pair()
+            a.call("POST", f"/v1/backends/{backend}/disable")
+            timed("backend state", lambda bc=bc: state(bc, backend) == "DISABLED",
+                  API_POLL)
+            a.call("POST", f"/v1/backends/{backend}/enable")
+        except Stopped:
+            break
+        except Tm2Error as e:  # counted; the next round starts afresh
+            s.count("missed", f"probe step failed ({getattr(e, 'code', type(e).__name__)})")
+            stop.wait(0.1)
 
 
 def state(c: Client, backend: str) -> str:
@@ -470,9 +467,13 @@ def measure(args: argparse.Namespace, root: Path, daemons: list[Daemon],
     s = Stats()
     waits: collections.Counter[str] = collections.Counter()
     connections: list[int] = []
-    threads = [threading.Thread(target=placer, args=(d, k, args.image * M, args.keep, stop, s))
-               for d in daemons for k in range(args.clients)]
-    threads += [threading.Thread(target=prober, args=(j, daemons, stop, s, 10.0))
+    # every client made before the window: making one costs an SSL context
+    placing = [(d, Client(str(d.sock), timeout=60), k) for d in daemons
+               for k in range(args.clients)]
+    probing = {d.host: Client(str(d.sock), timeout=60) for d in daemons}
+    threads = [threading.Thread(target=placer, args=(d, c, k, args.image * M, args.keep, stop, s))
+               for d, c, k in placing]
+    threads += [threading.Thread(target=prober, args=(j, daemons, probing, stop, s, 10.0))
                 for j in range(args.probers)]
     watchers = [threading.Thread(target=watch_postgres,
                                  args=(url, watch_stop, waits, connections))]
@@ -493,6 +494,8 @@ def measure(args: argparse.Namespace, root: Path, daemons: list[Daemon],
         for t in threads:
             t.join()
     window = time.perf_counter() - t0
+    for c in [c for _, c, _ in placing] + list(probing.values()):
+        c.close()
     watch_stop.set()
     for t in watchers:
         t.join()
