@@ -357,3 +357,18 @@ async def test_a_placement_costs_at_most_three_transactions(service: Service, tm
     for i in range(20):
         await service.allocate(f"auto:vm/d{i}", "1M", ROOT)
     assert (service.transactions - before) / 20 <= 3
+
+
+async def test_room_taken_between_snapshot_and_reservation_is_no_space(
+        service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate's reservation refused (other hosts filled them after the snapshot): the
+    answer is 'no space' with a reason per backend, not 'requirements match no backend'."""
+    await service.create_backend(ROOT, {"NAME": "cap1", "TM": "dir", "CAPACITY": "1G",
+                                        "TM_RAW": f"PATH={tmp_path}/cap1"})
+
+    async def taken(backend_id: int, size: int, key: str | None) -> int:
+        raise err.NoSpace("backend cannot take it: filled by another host")
+
+    monkeypatch.setattr(service.placing, "reserve", taken)
+    with pytest.raises(err.NoSpace, match="room was just taken"):
+        await service.allocate("auto:img", "1M", ROOT, place={"requirements": 'NAME = "cap*"'})

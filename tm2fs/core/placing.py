@@ -65,7 +65,10 @@ class Placing:
                      req.ranking)
             return [v], v.backend, reservation
         verdicts = placement.decide(req, (await self._pool())[0], may_use)
-        raise placement.no_room(req, [v for v in verdicts if v.reason is not None])
+        for v in verdicts:
+            if v.reason is None:  # the snapshot said it fits; its reservation said otherwise
+                v.reason = "its room was just taken (by another host or client)"
+        raise placement.no_room(req, verdicts)
 
     async def explain(self, caller: Caller, size: int | str, **options: Any) -> list[dict[str, Any]]:
         """Every backend's verdict for a new image of `size`, in order: the dry run."""
