@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 
 import trio
@@ -72,6 +73,7 @@ async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.
 
 
 EVERYTHING = '{"all": true}'
+RETRY = 2.0  # seconds before a failed re-read is tried again
 
 
 class _Inbox:
@@ -89,13 +91,18 @@ class _Inbox:
             self.overflowed = True
 
     async def apply(self, service: Service) -> None:
-        async for first in self.receive:
-            payloads = [first]
+        while True:
+            payloads: list[str] = []
+            # after a failure, re-read everything within RETRY even if no other change comes
+            with trio.move_on_after(RETRY if self.overflowed else math.inf):
+                payloads.append(await self.receive.receive())
             while True:  # what queued up meanwhile is re-read in one transaction
                 try:
                     payloads.append(self.receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            if not payloads and not self.overflowed:
+                continue
             payload = EVERYTHING if self.overflowed else _merged(payloads, service.host)
             self.overflowed = False
             try:
