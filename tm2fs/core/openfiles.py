@@ -39,7 +39,7 @@ class OpenImage:
     key: str
     handle: Handle
     writable: bool  # whether the handle itself may write (not so if opened while DISABLED)
-    timed: bool  # whether read/write need the backend's timeout (see `OpenFiles.read`)
+    inline: InlineHandle | None  # the handle, if its calls run inline (see `OpenFiles.read`)
     size: int
     node: Node  # kept current by the pool's deltas: getattr of an open image needs no query
     mtime_ns: int
@@ -121,7 +121,7 @@ class OpenFiles:
             handle = await driver.open(im.key, writable=may_write)
         current = self.pool.open.get(n.image_id)  # another open may have raced us
         if current is None:
-            oi = OpenImage(im.id, b.id, im.key, handle, may_write, _timed(handle), im.size, n,
+            oi = OpenImage(im.id, b.id, im.key, handle, may_write, _inline(handle), im.size, n,
                            n.mtime_ns)
             self.pool.open[im.id] = oi
             self.pool.open_ino[n.ino] = oi
@@ -130,7 +130,7 @@ class OpenFiles:
             # first opened while DISABLED: a writer now gets a writable handle; the old one may
             # still serve reads in flight, so it is closed at the last close
             current.retired.append(current.handle)
-            current.handle, current.writable, current.timed = handle, True, _timed(handle)
+            current.handle, current.writable, current.inline = handle, True, _inline(handle)
         else:
             async with self.backends.data(b.id, "close"):
                 await handle.aclose()
@@ -138,8 +138,10 @@ class OpenFiles:
 
     async def read(self, of: OpenFile, offset: int, size: int) -> bytes:
         """The hot path, kept lean (measured: benchmarks/pyfuse3_ceiling.py): plain dict and
-        attribute lookups (the backend's current state is seen at once), no context manager,
-        a cancel scope only for a handle whose calls a timeout can abandon."""
+        attribute lookups (the backend's current state is seen at once), no context manager.
+        An inline handle's blocking call is made directly: it never yields to the trio loop, so
+        no timeout could interrupt it anyway. Any other handle's call runs under the backend's
+        timeout, which can abandon it."""
         oi = of.image
         b = self.backends.by_id.get(oi.backend_id)
         if b is None or (b.state != "READY" and b.state != "DISABLED"):
@@ -150,10 +152,10 @@ class OpenFiles:
         if size > oi.size - offset:
             size = oi.size - offset
         try:
-            if oi.timed:
-                with trio.fail_after(b.timeout):
-                    return await oi.handle.apread(offset, size)
-            return await oi.handle.apread(offset, size)
+            if oi.inline is not None:
+                return oi.inline.pread(offset, size)
+            with trio.fail_after(b.timeout):
+                return await oi.handle.apread(offset, size)
         except (trio.TooSlowError, OSError) as e:
             raise await self.backends.data_error(b, "read", e) from None
 
@@ -172,11 +174,11 @@ class OpenFiles:
         if end > oi.size:
             self.images.fits(b, end)
         try:
-            if oi.timed:
+            if oi.inline is not None:
+                n = oi.inline.pwrite(offset, data)
+            else:
                 with trio.fail_after(b.timeout):
                     n = await oi.handle.apwrite(offset, data)
-            else:
-                n = await oi.handle.apwrite(offset, data)
         except (trio.TooSlowError, OSError) as e:
             raise await self.backends.data_error(b, "write", e) from None
         if offset + n > oi.size:
@@ -258,7 +260,7 @@ class OpenFiles:
         self.pool.open_ino.clear()
 
 
-def _timed(handle: Handle) -> bool:
-    """An `InlineHandle`'s calls never yield to the trio loop, so no timeout could interrupt
-    them: its reads and writes skip the cancel scope (a few microseconds each)."""
-    return not isinstance(handle, InlineHandle)
+def _inline(handle: Handle) -> InlineHandle | None:
+    """An `InlineHandle` is read and written through its blocking calls, without a coroutine or
+    a cancel scope per request (a few microseconds each)."""
+    return handle if isinstance(handle, InlineHandle) else None
