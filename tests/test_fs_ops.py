@@ -462,6 +462,24 @@ async def test_error_backend_answers_eio_and_the_rest_works(ops: fs.Operations, 
     await ops.release(fi.fh)
 
 
+@pytest.mark.logs_ok  # the service logs the backend's fall to ERROR
+async def test_an_io_fault_on_the_inline_data_path_turns_the_backend_error(
+        ops: fs.Operations, svc: Service) -> None:
+    """A local dir image is read inline, without the timeout's cancel scope: its faults must
+    still turn the backend ERROR. /proc/self/mem answers EIO at offset 0, as a failing disk."""
+    local = await local_ino(ops)
+    ino = await make_file(ops, local, b"img", b"data")
+    fi = await ops.open(ino, RDWR, CTX)
+    handle = svc.files.pool.open_ino[ino].handle
+    faulty = os.open("/proc/self/mem", os.O_RDWR)
+    os.dup2(faulty, handle.fd)
+    os.close(faulty)
+    assert await errno_of(ops.read(fi.fh, 0, 4)) == errno.EIO
+    assert svc.find_backend("local").state == "ERROR"
+    assert await errno_of(ops.write(fi.fh, 0, b"x")) == errno.EIO  # ERROR answers at once
+    await ops.release(fi.fh)
+
+
 # ---------------------------------------------------------------------- kernel cache invalidation
 
 

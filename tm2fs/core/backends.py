@@ -148,17 +148,23 @@ class Backends:
     @asynccontextmanager
     async def data(self, backend_id: int, what: str) -> AsyncIterator[None]:
         """A data-path call on an open handle: bounded by the backend's timeout (which only a
-        handle whose calls can be abandoned, e.g. through a worker thread, needs), errors mapped."""
+        handle whose calls can be abandoned, e.g. through a worker thread, needs), errors mapped.
+        read and write do the same without a context manager (`OpenFiles.read`)."""
         b = self.get(backend_id)
         try:
             with trio.fail_after(b.timeout):
                 yield
-        except trio.TooSlowError:
+        except (trio.TooSlowError, OSError) as e:
+            raise await self.data_error(b, what, e) from None
+
+    async def data_error(self, b: Backend, what: str, e: trio.TooSlowError | OSError,
+                         ) -> err.Tm2Error:
+        """What a failed data-path call means: a timeout turns the backend ERROR, an OSError is
+        mapped by `os_error`."""
+        if isinstance(e, trio.TooSlowError):
             await self.set_error(b, f"{what} timed out after {b.timeout:g}s")
-            raise err.BackendUnavailable(
-                f"backend {b.name}: {what} timed out after {b.timeout:g}s") from None
-        except OSError as e:
-            raise await self.os_error(b, what, e) from None
+            return err.BackendUnavailable(f"backend {b.name}: {what} timed out after {b.timeout:g}s")
+        return await self.os_error(b, what, e)
 
     async def os_error(self, b: Backend, what: str, e: OSError) -> err.Tm2Error:
         if e.errno == errno.EROFS:

@@ -92,7 +92,9 @@ class BlockingHandle(Protocol):
 
 class InlineHandle:
     """A `Handle` from blocking calls short enough to make on the trio thread (page-cache memcpy,
-    memory): a thread hop would cost more than the call. Subclasses define the blocking calls."""
+    memory): a thread hop would cost more than the call. Subclasses define the blocking calls;
+    the core's data path calls `pread` and `pwrite` directly (no coroutine, no timeout: nothing
+    could interrupt them), so they must be all a read or a write does."""
 
     __slots__ = ()
 
