@@ -15,6 +15,7 @@ from .. import errors as err
 from ..model import ROLES
 from ..names import check_backend_name, check_name
 from ..sizes import parse_size
+from ..template import parse_template
 
 BACKEND_KEYS = {"NAME", "TM", "TM_RAW", "CAPACITY", "COST", "ROLE", "TAGS", "CLUSTER", "TIMEOUT",
                 "USER", "GROUP", "PERMISSIONS", "OVERCOMMIT", "RESERVED", "PRIORITY"}
@@ -95,8 +96,6 @@ def tm_raw(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         return {str(k).upper(): v for k, v in value.items()}
     if isinstance(value, str):
-        from ..template import parse_template
-
         return parse_template(value)
     raise err.InvalidArgument("TM_RAW must be KEY=VALUE pairs")
 

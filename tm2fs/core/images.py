@@ -33,7 +33,7 @@ from ..store import Tx
 from .backends import Backends, quietly
 from .leases import Leases
 from .namespace import Namespace
-from .permissions import new_gid
+from .permissions import WRITE, check, new_gid
 from .placing import Placing
 from .pool import KERNEL_KNOWS, Pool
 
@@ -277,8 +277,6 @@ class Images:
                 raise (err.IsADirectory if n.is_dir else err.InvalidArgument)(
                     f"{n.name} is not an image")
             if caller.origin == "api":
-                from .permissions import WRITE, check
-
                 check(caller, n, WRITE)
             await self.resize(b, n, size)
         values = {k: v for k, v in changes.items() if v is not None}
