@@ -40,8 +40,8 @@ SIZE = 256 * 2**20
 
 def serve(mnt: str, backing: str | None = None, attr_timeout: float = 60.0) -> None:
     """The bare loop; with `backing`, reads and writes are pread/pwrite on that file."""
+    import bare_fs  # this folder: the same serving loop as the metadata ceiling
     import pyfuse3
-    import trio
 
     zero = bytes(128 * 1024)
     fd = -1
@@ -80,20 +80,7 @@ def serve(mnt: str, backing: str | None = None, attr_timeout: float = 60.0) -> N
                 return os.pwrite(fd, buf, off)
             return len(buf)
 
-    async def main() -> None:
-        pyfuse3.init(Ops(), mnt, set(pyfuse3.default_options))
-        async with trio.open_nursery() as nursery:
-            async def stop() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        pyfuse3.terminate()
-
-            nursery.start_soon(stop)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-        pyfuse3.close(unmount=True)
-
-    trio.run(main)
+    bare_fs.serve(Ops(), mnt, set(pyfuse3.default_options))
 
 
 def iops(path: Path, rw: str, runtime: int = 5) -> float:

@@ -107,13 +107,8 @@ class Admin:
     async def _validate(self, tm: str, raw: dict[str, Any], name: str,
                         timeout: float) -> dict[str, Any]:
         cls = driver_class(tm)
-        try:
-            with trio.fail_after(timeout):
-                return await trio.to_thread.run_sync(cls.validate, raw, self.state_dir, name,
-                                                     abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise err.InvalidArgument(f"checking TM_RAW of {name} timed out after {timeout:g}s",
-                                      "is the storage reachable? nothing was changed") from None
+        return await ownership.in_thread(lambda: cls.validate(raw, self.state_dir, name), timeout,
+                                         f"checking TM_RAW of {name}")
 
     async def _unmark(self, name: str, backend_id: int, directory: str | None,
                       timeout: float) -> None:
