@@ -113,6 +113,19 @@ def test_random_io_and_qemu_sees_the_same_bytes(tree: Daemon, tgt: TgtServer, tm
     os.unlink(path)
 
 
+def test_truncate_by_path_right_after_close(tree: Daemon) -> None:
+    """The kernel sends RELEASE after close(2) returns: a truncate by path that came first used
+    the still-open image's session, and the last close closed it under the truncate (EIO, "the
+    handle is closed", about one run in ten of the test above)."""
+    path = tree.mnt / "san" / "closing.img"
+    for i in range(40):
+        with open(path, "wb") as f:
+            f.write(b"x" * 4096)
+        os.truncate(path, 8192 + 512 * i)
+        assert path.stat().st_size == 8192 + 512 * i
+    path.unlink()
+
+
 @pytest.mark.logs_ok
 def test_target_away_error_eio_then_ready_data_intact(tree: Daemon, tgt: TgtServer) -> None:
     (tree.mnt / "san" / "kept.img").write_bytes(b"K" * 65536)

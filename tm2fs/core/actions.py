@@ -201,9 +201,10 @@ class Actions:
         self.backends.usable(sb, write=False)
         check(caller, sn, READ)
         assert sn.image_id is not None
-        oi = self.pool.open.get(sn.image_id)
+        oi = await self.pool.open_image(sn.image_id)
         if oi is not None:  # make what is written so far visible to the driver
-            await self.files.fsync(OpenFile(oi, False))
+            with oi.borrowed():
+                await self.files.fsync(OpenFile(oi, False))
         size = self.pool.image_size(sn.image_id)
         dst, reservation, key = await self._target(dst, caller, size, place)
         try:

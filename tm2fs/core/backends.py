@@ -177,6 +177,7 @@ class Backends:
         if e.errno in BACKEND_FAULTS or e.errno is None:
             await self.set_error(b, f"{what}: {e.strerror or e}")
             return err.BackendUnavailable(f"backend {b.name}: {what} failed: {e.strerror or e}")
+        log.warning("backend %s: %s failed: %s", b.name, what, e.strerror or e)
         return err.Tm2Error(f"backend {b.name}: {what} failed: {e.strerror or e}")
 
     async def set_error(self, b: Backend, message: str) -> None:

@@ -237,13 +237,14 @@ class Images:
         reservation = (await self.placing.reserve(b.id, size - current, None)
                        if size > current else None)
         try:
-            oi = self.pool.open.get(image_id)
+            oi = await self.pool.open_image(image_id)
             t = now_ns()
             if oi is not None:
-                async with self.backends.data(b.id, "resize"):
-                    await oi.handle.atruncate(size)
-                oi.size, oi.mtime_ns, oi.dirty = size, t, True
-                await self.commit_size(oi)
+                with oi.borrowed():
+                    async with self.backends.data(b.id, "resize"):
+                        await oi.handle.atruncate(size)
+                    oi.size, oi.mtime_ns, oi.dirty = size, t, True
+                    await self.commit_size(oi)
                 return
             async with self.backends.call(b, "resize") as driver:
                 await driver.resize(im.key, size)

@@ -12,6 +12,8 @@ final bytes and size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -47,10 +49,30 @@ class OpenImage:
     dirty: bool = False  # size or mtime not yet in the pool store
     unlinked: bool = False  # removed from the namespace while open: data goes at last close
     retired: list[Handle] = field(default_factory=list)  # replaced handles, closed at last close
+    closing: trio.Event | None = None  # set once the last close is done with the handle
+    borrowers: int = 0  # users of the handle that hold no open file (a truncate by path)
+    returned: trio.Event | None = None
 
     @property
     def ino(self) -> int:
         return self.node.ino
+
+    @contextmanager
+    def borrowed(self) -> Iterator[OpenImage]:
+        """The handle used without an open file (truncate(2) by path, a clone's flush): a last
+        close that comes meanwhile waits for it rather than closing the handle under it."""
+        self.borrowers += 1
+        try:
+            yield self
+        finally:
+            self.borrowers -= 1
+            if not self.borrowers and self.returned is not None:
+                self.returned.set()
+
+    async def all_returned(self) -> None:
+        while self.borrowers:
+            self.returned = trio.Event()
+            await self.returned.wait()
 
 
 @dataclass(eq=False, slots=True)
@@ -224,8 +246,10 @@ class OpenFiles:
             if of.writable:
                 await self.leases.closed_for_writing(oi.image_id)
             return
-        self._closing[oi.ino] = closed = trio.Event()
+        self._closing[oi.ino] = oi.closing = closed = trio.Event()
         try:
+            with trio.CancelScope(shield=True):
+                await oi.all_returned()
             await self._last_close(oi)
         finally:
             # only now: until the size is committed (and in memory) getattr shows the live one

@@ -81,6 +81,13 @@ class Pool:
             n = self.nodes.get(n.parent) if n.parent is not None else None
         return "/".join(reversed(parts))
 
+    async def open_image(self, image_id: int) -> OpenImage | None:
+        """The image's shared open state, if it is open; one being closed is waited for (its
+        handle is going: the caller then works on the closed image)."""
+        while (oi := self.open.get(image_id)) is not None and oi.closing is not None:
+            await oi.closing.wait()
+        return oi
+
     def image_size(self, image_id: int) -> int:
         oi = self.open.get(image_id)
         if oi is not None:
