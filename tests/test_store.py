@@ -113,3 +113,24 @@ def test_migrations_run_in_order(store_url: str, monkeypatch: pytest.MonkeyPatch
     s.close()
     PoolStore(store_url).close()
     assert ran == [now + 1, now + 2]
+
+
+def test_a_v4_store_gains_row_versions_and_host_clusters(store_url: str) -> None:
+    """A store from before row versions and clusters opens; its rows start at version 0 and its
+    hosts are in the default cluster."""
+    s = PoolStore(store_url)
+    with s.begin() as tx:
+        bid = tx.insert_backend(name="old", tm="dir", root_ino=0)
+        tx.upsert_host("h1", state="ONLINE", heartbeat=0, started=0)
+        for table, column in (("namespace", "ver"), ("image", "ver"), ("host", "clusters")):
+            tx.c.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        tx.c.exec_driver_sql(f"INSERT INTO image (backend_id, key, size, created) VALUES ({bid}, 'k', 5, 0)")
+        tx.c.exec_driver_sql("UPDATE schema_info SET version = 4")
+    s.close()
+    s = PoolStore(store_url)
+    with s.read() as tx:
+        assert tx.c.execute(sa.select(st.schema_info.c.version)).scalar_one() == st.SCHEMA_VERSION
+        [im] = tx.images()
+        assert (im.key, im.size, im.ver) == ("k", 5, 0) and tx.node(ROOT_INO).ver == 0
+        assert [h["clusters"] for h in tx.hosts()] == ['["default"]']
+    s.close()

@@ -5,15 +5,16 @@ dead, and only then may its write leases be broken. On PostgreSQL every change i
 channel; each daemon LISTENs on a connection of its own, in a thread (psycopg's async API is
 asyncio's), and hands each notification to the trio loop, which drops the caches concerned: the
 kernel's entries and attributes (pyfuse3 invalidation), open images' sizes, the backend list.
-Each notification names the rows a transaction changed; the receiving daemon re-reads exactly
-those and applies them to its memory (`core/pool.py`). When notifications may have been lost (the
-LISTEN connection dropped, a flood overflowed the queue) the daemon re-reads everything.
+Each notification carries the rows a transaction changed (or, when they do not fit, their ids,
+re-read); the receiving daemon applies them to its memory (`core/pool.py`), where row versions
+sort out notifications, its own commits and re-reads that arrive in different orders. When
+notifications may have been lost (the LISTEN connection dropped, a flood overflowed the queue)
+the daemon re-reads everything.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import threading
@@ -50,8 +51,9 @@ async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.
             except trio.RunFinishedError:
                 break
             except Exception as e:
+                if stop.wait(1.0):
+                    break
                 log.error("change notifications lost (%s); reconnecting", e)
-                stop.wait(1.0)
                 try:
                     conn.close()
                     conn = service.store.listen()
@@ -96,38 +98,19 @@ class _Inbox:
             # after a failure, re-read everything within RETRY even if no other change comes
             with trio.move_on_after(RETRY if self.overflowed else math.inf):
                 payloads.append(await self.receive.receive())
-            while True:  # what queued up meanwhile is re-read in one transaction
+            while True:  # what queued up meanwhile
                 try:
                     payloads.append(self.receive.receive_nowait())
                 except trio.WouldBlock:
                     break
             if not payloads and not self.overflowed:
                 continue
-            payload = EVERYTHING if self.overflowed else _merged(payloads, service.host)
+            if self.overflowed:
+                payloads = [EVERYTHING]
             self.overflowed = False
             try:
-                await service.remote_change(payload)
+                for payload in payloads:  # in commit order: rows carried apply at once
+                    await service.remote_change(payload)
             except Exception as e:  # the store is away: a full re-read once it answers
                 log.error("applying a change notification failed: %s", e)
                 self.overflowed = True
-
-
-def _merged(payloads: list[str], host: str) -> str:
-    """Several hosts' notifications as one: the union of the rows they name (this host's own
-    changes are in its memory already)."""
-    if len(payloads) == 1:
-        return payloads[0]
-    ids: dict[str, set[int]] = {"n": set(), "i": set(), "b": set()}
-    for payload in payloads:
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            continue
-        if not isinstance(data, dict) or data.get("h") == host:
-            continue
-        if data.get("all"):
-            return EVERYTHING
-        for k, v in ids.items():
-            if isinstance(data.get(k), list):
-                v.update(i for i in data[k] if isinstance(i, int))
-    return json.dumps({"h": "", **{k: sorted(v) for k, v in ids.items()}})

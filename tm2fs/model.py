@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ROOT_INO = 1
@@ -36,6 +36,9 @@ class Node:
     ctime_ns: int
     target: str | None
     image_id: int | None
+    #: bumped by every transaction that touches the row (PostgreSQL): of two versions of a row
+    #: heard from different places, the higher is the newer (`core/pool.py`)
+    ver: int = field(default=0, compare=False)
 
     @property
     def is_dir(self) -> bool:
@@ -57,6 +60,7 @@ class Image:
     key: str
     size: int
     created: float
+    ver: int = field(default=0, compare=False)  # as Node.ver
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,16 +267,22 @@ class StoreWorker:
                     if job.delta:
                         changed.merge(job.delta)
                 if changed and self.store.shared:
-                    payload = json.dumps({"h": self.host, **changed.ids()})
-                    if len(payload) > NOTIFY_MAX:
-                        payload = json.dumps({"h": self.host, "all": True})
-                    Tx(conn).notify(payload)
+                    Tx(conn).notify(self._payload(changed))
         except BaseException as e:
             if isinstance(e, sa.exc.DBAPIError) and not _transient(e) and not isinstance(
                     e, sa.exc.IntegrityError):
                 self._drop_connection()  # perhaps broken (PostgreSQL restarted)
             return e
         return None
+
+    def _payload(self, changed: Delta) -> str:
+        """What other hosts hear: the rows themselves if they fit one notification (nothing to
+        re-read), else their ids, else "everything"."""
+        for body in (changed.rows, changed.ids):
+            payload = json.dumps({"h": self.host, **body()}, separators=(",", ":"))
+            if len(payload) <= NOTIFY_MAX:
+                return payload
+        return json.dumps({"h": self.host, "all": True})
 
     @staticmethod
     def _write(conn: sa.Connection, job: Job[Any]) -> None:

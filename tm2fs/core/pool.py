@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 #: called with (ino, parent, name): the kernel should forget that inode and/or that entry
 Listener = Callable[[int | None, int | None, str | None], None]
 REMOTE = "remote"  # origin of a delta re-read after another host's notification
+GONE_KEPT = 200_000  # deleted ids remembered; a notification is late by seconds, not that many
 KERNEL_KNOWS = Caller(0, 0, origin="fs")  # origin of changes the kernel saw happen (sizes of writes)
 
 
@@ -47,6 +48,9 @@ class Pool:
         #: entries other hosts changed since this host last opened them: the kernel may still
         #: cache their old size (its invalidation runs in the background), so open waits for one
         self.remote_touched: set[int] = set()
+        #: entries and images deleted (PostgreSQL never reuses their ids): a late notification
+        #: of an older version must not bring them back
+        self.gone: dict[tuple[str, int], None] = {}
 
     async def start(self) -> None:
         self.db.start()
@@ -106,7 +110,8 @@ class Pool:
         return await self.db.read(work, timeout)
 
     async def remote_change(self, payload: str) -> None:
-        """Another host changed rows: re-read exactly those (or everything) and apply them."""
+        """Another host changed rows: apply those its notification carries, re-read those it
+        only names (or everything)."""
         try:
             data = json.loads(payload)
         except ValueError:
@@ -117,10 +122,16 @@ class Pool:
             await self.db.refresh(Tx.everything, REMOTE)
             return
         try:
+            rows = Delta.from_rows(data)
             ids = [[int(i) for i in data.get(k, [])] for k in ("n", "i", "b")]
         except (TypeError, ValueError):
+            log.error("a malformed change notification: re-reading everything")
+            await self.db.refresh(Tx.everything, REMOTE)
             return
-        await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
+        if rows:
+            self._apply(rows, REMOTE)
+        if any(ids):
+            await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
 
     async def revalidate(self, n: Node) -> bool:
         """Re-read one entry and its image (as NFS revalidates at open): another host's change
@@ -138,9 +149,13 @@ class Pool:
         if delta.complete:
             self._drop_missing(delta, kernel)
         for ino, new in delta.nodes.items():
+            if self._older(("n", ino), new, self.nodes.get(ino)):
+                continue
             if self._apply_node(ino, new, kernel) and remote:
                 self.remote_touched.add(ino)
         for image_id, im in delta.images.items():
+            if self._older(("i", image_id), im, self.images.get(image_id)):
+                continue
             if im is None:
                 self.images.pop(image_id, None)
                 continue
@@ -162,6 +177,20 @@ class Pool:
                         listener(b.root_ino, ROOT_INO, old_b.name)
             for hook in self.backend_hooks:
                 hook()
+
+    def _older(self, key: tuple[str, int], new: Node | Image | None, old: Node | Image | None,
+               ) -> bool:
+        """Whether a row heard of is older than what memory holds: notifications, this host's
+        own commits and re-reads arrive in different orders; row versions (PostgreSQL) and the
+        ids of deleted rows tell. (SQLite has one host, in order, and may reuse ids.)"""
+        if not self.store.shared:
+            return False
+        if new is None:
+            self.gone[key] = None
+            if len(self.gone) > GONE_KEPT:
+                del self.gone[next(iter(self.gone))]
+            return False
+        return key in self.gone or (old is not None and old.ver > new.ver)
 
     def _drop_missing(self, delta: Delta, kernel: bool) -> None:
         for ino in [i for i in self.nodes if i not in delta.nodes]:

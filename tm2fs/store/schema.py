@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
@@ -70,6 +70,7 @@ node = sa.Table(
     sa.Column("ctime_ns", sa.BigInteger, nullable=False),
     sa.Column("target", sa.Text),  # symlinks
     sa.Column("image_id", sa.Integer, nullable=True, unique=True),  # regular files
+    sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0"),  # Node.ver
     sa.UniqueConstraint("parent", "name", name="namespace_parent_name"),
 )
 
@@ -80,6 +81,7 @@ image = sa.Table(
     sa.Column("key", sa.String(255), nullable=False),  # opaque name on the backend
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
+    sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0"),  # Node.ver
     sa.UniqueConstraint("backend_id", "key", name="image_backend_key"),
 )
 
@@ -114,6 +116,8 @@ host = sa.Table(
     sa.Column("started", sa.Float, nullable=False),
     sa.Column("mountpoint", sa.Text),
     sa.Column("version", sa.String(64)),
+    sa.Column("clusters", sa.Text, nullable=False, default='["default"]',
+              server_default='["default"]'),  # JSON list: the clusters this host places in
 )
 
 host_backend = sa.Table(
@@ -160,7 +164,18 @@ def _v3_to_v4(c: sa.Connection) -> None:
     c.execute(schema_info.update().values(pool_id=new_pool_id()))
 
 
+def _v4_to_v5(c: sa.Connection) -> None:
+    """Row versions, so hosts can apply the rows a change notification carries in any order they
+    hear them; the clusters each host places in."""
+    for table, column, kind, default in (("namespace", "ver", "BIGINT", "0"),
+                                         ("image", "ver", "BIGINT", "0"),
+                                         ("host", "clusters", "TEXT", """'["default"]'""")):
+        if column not in {col["name"] for col in sa.inspect(c).get_columns(table)}:
+            c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind} NOT NULL "
+                              f"DEFAULT {default}")
+
+
 # Migrations from version N to N+1; a new schema version appends one function here.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3, _v3_to_v4]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5]
 
 

@@ -31,8 +31,8 @@ from .schema import (
 )
 
 NODE_COLS = ("ino, parent, name, backend_id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target, "
-             "image_id")  # Node's field order
-IMAGE_COLS = 'id, backend_id, "key", size, created'  # Image's
+             "image_id, ver")  # Node's field order
+IMAGE_COLS = 'id, backend_id, "key", size, created, ver'  # Image's
 ATTACHMENT_COLS = "id, image_id, host, path, link_ino, created, uid"  # Attachment's
 CHUNK = 500  # ids per IN (...) list
 _PG: dict[str, str] = {}  # SQL with ? -> with %s
@@ -74,6 +74,13 @@ def _decode_backend(row: Any) -> Backend:
     )
 
 
+def _select_or_bump(table: str, key: str, cols: str, ids: tuple[int, ...], bump: bool) -> str:
+    """Rows by id; with `bump`, their versions moved on in the same statement (and locked)."""
+    if bump:
+        return f"UPDATE {table} SET ver = ver + 1 WHERE {key} IN ({_marks(ids)}) RETURNING {cols}"
+    return f"SELECT {cols} FROM {table} WHERE {key} IN ({_marks(ids)})"
+
+
 def _node(row: Any) -> Node:
     return Node(**row._mapping)
 
@@ -81,7 +88,8 @@ def _node(row: Any) -> Node:
 @dataclass
 class Delta:
     """What one transaction changed, as the rows now are (None: deleted). Applied to each host's
-    in-memory view after the commit; `ids` is what other hosts are told (NOTIFY) to re-read."""
+    in-memory view after the commit; other hosts hear it through NOTIFY: the rows themselves
+    (`rows`) when they fit a notification, else their ids (`ids`) to re-read."""
 
     nodes: dict[int, Node | None] = field(default_factory=dict)
     images: dict[int, Image | None] = field(default_factory=dict)
@@ -99,6 +107,24 @@ class Delta:
     def ids(self) -> dict[str, list[int]]:
         return {"n": sorted(self.nodes), "i": sorted(self.images), "b": sorted(self.backends)}
 
+    def rows(self) -> dict[str, list[Any]]:
+        """Entries and images as JSON-able rows (a backend row is large and rarely changes:
+        its id only, to re-read)."""
+        return {"rn": [[getattr(n, f) for f in Node.__slots__] for n in self.nodes.values() if n],
+                "dn": [i for i, n in self.nodes.items() if n is None],
+                "ri": [[getattr(m, f) for f in Image.__slots__] for m in self.images.values() if m],
+                "di": [i for i, m in self.images.items() if m is None],
+                "b": sorted(self.backends)}
+
+    @classmethod
+    def from_rows(cls, data: dict[str, Any]) -> Delta:
+        """The inverse of `rows` (backends aside); ValueError/TypeError if malformed."""
+        nodes: dict[int, Node | None] = {int(i): None for i in data.get("dn", [])}
+        nodes.update((n.ino, n) for n in (Node(*r) for r in data.get("rn", [])))
+        images: dict[int, Image | None] = {int(i): None for i in data.get("di", [])}
+        images.update((m.id, m) for m in (Image(*r) for r in data.get("ri", [])))
+        return cls(nodes, images)
+
 
 class Tx:
     """One transaction's worth of queries; the core composes them into its rules. Writes note the
@@ -112,14 +138,17 @@ class Tx:
         self.touched_images: set[int] = set()
         self.touched_backends: set[int] = set()
 
-    def delta(self) -> Delta:
-        """The touched rows as this transaction leaves them: a few indexed reads."""
+    def delta(self, bump: bool = True) -> Delta:
+        """The touched rows as this transaction leaves them: a few indexed statements. On
+        PostgreSQL each row's version is bumped as it is read, under its row lock, so versions of
+        one row grow in commit order whichever hosts commit them."""
         d = Delta()
+        bump = bump and self.pg
         if self.touched_nodes:
-            found = self.nodes(sorted(self.touched_nodes))
+            found = self.nodes(sorted(self.touched_nodes), bump)
             d.nodes = {i: found.get(i) for i in self.touched_nodes}
         if self.touched_images:
-            got = self.images_by_id(sorted(self.touched_images))
+            got = self.images_by_id(sorted(self.touched_images), bump)
             d.images = {i: got.get(i) for i in self.touched_images}
         if self.touched_backends:
             rows = self.c.execute(sa.select(backend).where(backend.c.id.in_(
@@ -133,7 +162,7 @@ class Tx:
         self.touched_nodes.update(nodes)
         self.touched_images.update(images)
         self.touched_backends.update(backends)
-        return self.delta()
+        return self.delta(bump=False)
 
     def _x(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """Plain SQL on the driver's own cursor, `?` placeholders (turned into psycopg's `%s`):
@@ -173,11 +202,11 @@ class Tx:
         """The pool's identity (random, made with the store)."""
         return str(self.c.execute(sa.select(schema_info.c.pool_id)).scalar_one())
 
-    def images_by_id(self, ids: list[int]) -> dict[int, Image]:
+    def images_by_id(self, ids: list[int], bump: bool = False) -> dict[int, Image]:
         out: dict[int, Image] = {}
         for i in range(0, len(ids), CHUNK):
             part = tuple(ids[i:i + CHUNK])
-            rows = self._x(f"SELECT {IMAGE_COLS} FROM image WHERE id IN ({_marks(part)})", part)
+            rows = self._x(_select_or_bump("image", "id", IMAGE_COLS, part, bump), part)
             out.update((r[0], Image(*r)) for r in rows)
         return out
 
@@ -336,12 +365,12 @@ class Tx:
         return {i: (images.get(i, (0, 0))[0], vms.get(i, 0),
                     int(images.get(i, (0, 0))[1]) + int(pending.get(i) or 0)) for i in ids}
 
-    def nodes(self, inos: list[int]) -> dict[int, Node]:
+    def nodes(self, inos: list[int], bump: bool = False) -> dict[int, Node]:
         """Many entries in one query each chunk (e.g. every backend's root, a delta)."""
         out: dict[int, Node] = {}
         for i in range(0, len(inos), CHUNK):
             part = tuple(inos[i:i + CHUNK])
-            rows = self._x(f"SELECT {NODE_COLS} FROM namespace WHERE ino IN ({_marks(part)})", part)
+            rows = self._x(_select_or_bump("namespace", "ino", NODE_COLS, part, bump), part)
             out.update((r[0], Node(*r)) for r in rows)
         return out
 
