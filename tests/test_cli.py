@@ -41,7 +41,7 @@ def test_list_formats_columns_and_filters(daemon: Daemon, tmp_path: Path) -> Non
                            f"PATH={tmp_path}/fast", "--tags", "SSD", "--cost", "10"))
     table = out(daemon.backend_cli("list")).splitlines()
     assert table[0].split() == ["ID", "NAME", "STATE", "TM", "CAPACITY", "FREE", "USED", "COST",
-                                "ROLE", "TAGS", "NBIMAGE", "NBVM", "USER", "GROUP"]
+                                "ROLE", "CLUSTER", "TAGS", "NBIMAGE", "NBVM", "USER", "GROUP"]
     assert [line.split()[1] for line in table[2:] if line.strip()] == ["local", "fast"]
     rows = json.loads(out(daemon.backend_cli("list", "--json")))
     assert [r["NAME"] for r in rows] == ["local", "fast"]

@@ -225,6 +225,8 @@ PLACE: dict[str, Schema] = {  # placement options for `auto:` addresses
              "description": "an expression; the highest value wins"},
     "policy": {"type": "string", "maxLength": 32, "description": "cost, packing, striping or fixed"},
     "role": {"type": "string", "maxLength": 32, "description": "SAN (default), REPOSITORY or ANY"},
+    "cluster": {"type": "string", "maxLength": 1024,
+                "description": "place in these clusters (a,b; * for any), not this host's own"},
 }
 
 

@@ -17,10 +17,10 @@ from .errors import InvalidArgument
 from .output import apply_filters, console, parse_columns, print_table, table, to_csv, to_json, to_xml
 from .template import parse_template
 
-DEFAULT_COLUMNS = ["ID", "NAME", "STATE", "TM", "CAPACITY", "FREE", "USED", "COST", "ROLE", "TAGS",
-                   "NBIMAGE", "NBVM", "USER", "GROUP"]
+DEFAULT_COLUMNS = ["ID", "NAME", "STATE", "TM", "CAPACITY", "FREE", "USED", "COST", "ROLE", "CLUSTER",
+                   "TAGS", "NBIMAGE", "NBVM", "USER", "GROUP"]
 ALL_COLUMNS = [*DEFAULT_COLUMNS, "ALLOCATED", "AVAILABLE", "CAPACITY_LIMIT", "OVERCOMMIT",
-                                 "RESERVED", "PRIORITY", "CLUSTER", "PERMISSIONS",
+                                 "RESERVED", "PRIORITY", "PERMISSIONS",
                                  "TIMEOUT", "ERROR", "UID", "GID"]
 
 
@@ -257,11 +257,16 @@ def hosts(fmt: str | None) -> None:
     elif fmt == "xml":
         click.echo(to_xml(rows))
     elif fmt == "csv":
-        click.echo(to_csv(rows, ["NAME", "STATE", "HEARTBEAT_AGE", "LEASES", "MOUNTPOINT"]), nl=False)
+        for r in rows:
+            r["CLUSTERS"] = ",".join(r["CLUSTERS"])
+        click.echo(to_csv(rows, ["NAME", "STATE", "CLUSTERS", "HEARTBEAT_AGE", "LEASES",
+                                 "MOUNTPOINT"]), nl=False)
     else:
         for r in rows:
+            r["CLUSTERS"] = ",".join(r["CLUSTERS"])
             r["BACKENDS"] = " ".join(f"{k}:{v}" for k, v in r["BACKENDS"].items())
-        print_table(rows, ["NAME", "STATE", "HEARTBEAT_AGE", "LEASES", "MOUNTPOINT", "BACKENDS"])
+        print_table(rows, ["NAME", "STATE", "CLUSTERS", "HEARTBEAT_AGE", "LEASES", "MOUNTPOINT",
+                           "BACKENDS"])
 
 
 if __name__ == "__main__":

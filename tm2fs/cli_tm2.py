@@ -84,13 +84,15 @@ def placement_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--role", type=click.Choice(["SAN", "REPOSITORY", "ANY"],
                                                  case_sensitive=False),
                      help="backend ROLE to use (default SAN; REPOSITORY for push)"),
+        click.option("--cluster", metavar="NAME[,NAME]",
+                     help="place in these clusters instead of this host's own ('*': any)"),
     ]):
         func = option(func)
     return func
 
 
 def _placed(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: kwargs.pop(k) for k in ("requirements", "rank", "policy", "role")
+    return {k: kwargs.pop(k) for k in ("requirements", "rank", "policy", "role", "cluster")
             if kwargs.get(k) is not None}
 
 

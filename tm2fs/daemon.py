@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from . import __version__, httplimits
+from .model import DEFAULT_CLUSTER
 from .store import PoolStore, sqlite_url
 
 log = logging.getLogger("tm2fs")
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="control socket for the CLIs (default: $TM2FS_SOCKET or %(default)s)")
     p.add_argument("--host", default=socket.gethostname(),
                    help="this hypervisor's name in the pool (default: the hostname)")
+    p.add_argument("--cluster", action="append", metavar="NAME", dest="clusters",
+                   help="a cluster this host belongs to (repeat for several; default: default): "
+                        "`auto:` placement uses the backends of its clusters only")
     p.add_argument("--monitor-interval", type=float, default=30.0, metavar="SECONDS",
                    help="how often every backend's capacity and state is refreshed")
     p.add_argument("--host-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -135,7 +139,8 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
     async with contextlib.AsyncExitStack() as stack:
         store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
         stack.callback(store.close)
-        service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint))
+        service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint),
+                          clusters=args.clusters or (DEFAULT_CLUSTER,))
         service.host_timeout = args.host_timeout
         await service.start()
         # a crash: the heartbeat stops and leases stay until broken; a clean stop gives them back

@@ -20,6 +20,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+DEFAULT_CLUSTER = "default"  # of backends and hosts that name none
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """A namespace entry: a directory, an image (a regular file) or a symlink."""

@@ -102,6 +102,7 @@ class Request:
     requirements: Requirements = field(default_factory=lambda: parse_requirements(""))
     rank: Rank | None = None  # a custom rank expression, else the policy
     policy: str = DEFAULT_POLICY
+    clusters: frozenset[str] | None = None  # backends of these clusters only; None: any
 
     @property
     def ranking(self) -> str:
@@ -110,7 +111,8 @@ class Request:
 
 def request(size: int, role: str | None = None, requirements: str | None = None,
             rank: str | None = None, policy: str | None = None,
-            known: Collection[str] = ATTRIBUTES) -> Request:
+            known: Collection[str] = ATTRIBUTES, clusters: frozenset[str] | None = None,
+            ) -> Request:
     """Parse and check a request; bad input is refused before anything is reserved."""
     role = (role or "SAN").upper()
     if role not in ROLES:
@@ -120,7 +122,8 @@ def request(size: int, role: str | None = None, requirements: str | None = None,
         raise err.InvalidArgument(f"unknown placement policy {policy!r}",
                                   f"policies: {', '.join(POLICIES)}; or give --rank EXPR")
     return Request(size=size, role=role, requirements=parse_requirements(requirements or "", known),
-                   rank=parse_rank(rank, known) if rank and rank.strip() else None, policy=policy)
+                   rank=parse_rank(rank, known) if rank and rank.strip() else None, policy=policy,
+                   clusters=clusters)
 
 
 @dataclass(slots=True)
@@ -186,15 +189,18 @@ def ranked(req: Request, pool: Pool,
     thousands of keys would wake the garbage collector over the whole pool: 4x the p99); the
     rest are ranked only if the first could not be reserved."""
     matches, role, size, key = req.requirements.matches, req.role, req.size, _sort_key(req)
+    clusters = req.clusters
 
     def eligible(b: Backend, attrs: dict[str, Any], r: Room) -> bool:
-        return (b.state == "READY" and (role == "ANY" or b.role == role) and matches(attrs)
+        return (b.state == "READY" and (role == "ANY" or b.role == role)
+                and (clusters is None or b.cluster in clusters) and matches(attrs)
                 and r.fits(size) and (may_use is None or may_use(b)))
 
     best: tuple[tuple[float, ...], int] | None = None
     first = None
     for b, attrs, r in pool:  # eligible(), inlined: this loop is the decision's whole cost
-        if (b.state == "READY" and (role == "ANY" or b.role == role) and matches(attrs)
+        if (b.state == "READY" and (role == "ANY" or b.role == role)
+                and (clusters is None or b.cluster in clusters) and matches(attrs)
                 and r.fits(size) and (may_use is None or may_use(b))):
             k = (key(attrs), b.id)
             if best is None or k < best:
@@ -225,6 +231,9 @@ def decide(req: Request, pool: Pool,
             v.reason = f"state is {b.state}" + (f" ({b.error})" if b.error else "")
         elif req.role != "ANY" and b.role != req.role:
             v.reason = f"role is {b.role}, not {req.role}"
+        elif req.clusters is not None and b.cluster not in req.clusters:
+            v.reason = (f"cluster is {b.cluster}, not {', '.join(sorted(req.clusters))} "
+                        "(--cluster NAME or --cluster '*' to place elsewhere)")
         elif may_use is not None and not may_use(b):
             v.reason = "permission denied (no write access to the backend directory)"
         elif not v.matched:

@@ -11,6 +11,7 @@ what their caller captured for them.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -48,7 +49,7 @@ class Leases:
         t = time.time()
         await self.pool.write(lambda tx: tx.upsert_host(
             self.host, state="ONLINE", heartbeat=t, started=t, mountpoint=self.mountpoint,
-            version=__version__))
+            version=__version__, clusters=json.dumps(sorted(self.pool.clusters))))
         self.registered = True
 
     async def heartbeat(self) -> None:
@@ -82,6 +83,7 @@ class Leases:
                 "NAME": h["name"], "STATE": h["state"] if h["state"] != "ONLINE" or
                 age < self.host_timeout else "UNREACHABLE", "HEARTBEAT_AGE": round(age, 1),
                 "MOUNTPOINT": h["mountpoint"], "VERSION": h["version"], "STARTED": h["started"],
+                "CLUSTERS": json.loads(h["clusters"]),
                 "BACKENDS": {names.get(v["backend_id"], v["backend_id"]): v["state"]
                              for v in views if v["host"] == h["name"]},
                 "LEASES": sum(1 for _, holder, _ in leases if holder == h["name"]),

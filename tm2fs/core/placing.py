@@ -17,6 +17,7 @@ from typing import Any
 from .. import errors as err
 from .. import placement
 from ..model import Backend, Caller
+from ..names import check_name
 from ..sizes import format_size, parse_size
 from ..store import Tx
 from .backends import Backends
@@ -41,14 +42,17 @@ class Placing:
 
     async def place(self, caller: Caller, size: int | str, *, role: str | None = None,
                     requirements: str | None = None, rank: str | None = None,
-                    policy: str | None = None, key: str | None = None,
+                    policy: str | None = None, cluster: str | None = None,
+                    key: str | None = None,
                     ) -> tuple[list[placement.Verdict], Backend | None, int | None]:
-        """Choose a backend for a new image of `size`. Without `key`: every backend's verdict
-        (the explanation). With it: the chosen backend and the reservation holding its space
-        for the data being made under that key."""
+        """Choose a backend for a new image of `size`, among the backends of this host's
+        clusters unless `cluster` names others ("a,b", or "*" for any). Without `key`: every
+        backend's verdict (the explanation). With it: the chosen backend and the reservation
+        holding its space for the data being made under that key."""
         size = parse_size(size)
         pool, known = await self._pool()
-        req = placement.request(size, role, requirements, rank, policy, known)
+        req = placement.request(size, role, requirements, rank, policy, known,
+                                self._clusters(cluster))
         may_use = None
         if not caller.is_root:
             nodes = self.pool.nodes
@@ -69,6 +73,13 @@ class Placing:
             if v.reason is None:  # the snapshot said it fits; its reservation said otherwise
                 v.reason = "its room was just taken (by another host or client)"
         raise placement.no_room(req, verdicts)
+
+    def _clusters(self, cluster: str | None) -> frozenset[str] | None:
+        if cluster is None:
+            return self.pool.clusters
+        if cluster.strip() == "*":
+            return None
+        return frozenset(check_name(c.strip(), "cluster") for c in cluster.split(","))
 
     async def explain(self, caller: Caller, size: int | str, **options: Any) -> list[dict[str, Any]]:
         """Every backend's verdict for a new image of `size`, in order: the dry run."""

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..model import ROOT_INO, Backend, Caller, Image, Node
+from ..model import DEFAULT_CLUSTER, ROOT_INO, Backend, Caller, Image, Node
 from ..store import Delta, PoolStore, Tx
 from ..storeworker import StoreWorker
 
@@ -31,9 +31,11 @@ KERNEL_KNOWS = Caller(0, 0, origin="fs")  # origin of changes the kernel saw hap
 
 
 class Pool:
-    def __init__(self, store: PoolStore, host: str) -> None:
+    def __init__(self, store: PoolStore, host: str,
+                 clusters: frozenset[str] = frozenset({DEFAULT_CLUSTER})) -> None:
         self.store = store
         self.host = host
+        self.clusters = clusters  # where this host places new images (`placing.py`)
         self.db = StoreWorker(store, host, self._apply)
         self.nodes: dict[int, Node] = {}
         self.children: dict[int, dict[str, int]] = {}

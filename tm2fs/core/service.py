@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..drivers.base import Capacity, Progress
-from ..model import ROOT, Attr, Caller
+from ..model import DEFAULT_CLUSTER, ROOT, Attr, Caller
 from ..store import PoolStore
 from .actions import Actions, Upload
 from .admin import Admin
@@ -32,12 +33,13 @@ class Service:
     """The pool, its images and their namespace, as the rules allow them to change."""
 
     def __init__(self, store: PoolStore, state_dir: Path, host: str | None = None,
-                 mountpoint: str | None = None) -> None:
+                 mountpoint: str | None = None, clusters: Iterable[str] = (DEFAULT_CLUSTER,),
+                 ) -> None:
         self.store = store
         self.state_dir = Path(state_dir)
         self.host = host or socket.gethostname()
         self.mountpoint = os.path.abspath(mountpoint) if mountpoint else None
-        self.pool = Pool(store, self.host)
+        self.pool = Pool(store, self.host, frozenset(clusters))
         self.backends = Backends(self.pool, self.state_dir)
         self.leases = Leases(self.pool, self.backends, self.mountpoint)
         self.namespace = Namespace(self.pool, self.backends, self.leases, self.mountpoint)
