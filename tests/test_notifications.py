@@ -97,6 +97,10 @@ async def test_a_change_arrives_as_rows_and_costs_the_hearer_no_transaction(
         await until(lambda: b.pool.nodes[inos[0]].name == "renamed")
         await a.pool.write(lambda tx: tx.delete_node(inos[1]))
         await until(lambda: inos[1] not in b.pool.nodes)
+        bid = a.find_backend("local").id
+        await a.pool.write(lambda tx: tx.update_backend(bid, cost=42, tags=["SSD"]))
+        await until(lambda: b.pool.backend_rows[bid].cost == 42)
+        assert b.pool.backend_rows[bid].tags == ["SSD"]
         assert b.transactions == before  # nothing re-read
         assert b.pool.children[root]["renamed"] == inos[0] and "vm-1" not in b.pool.children[root]
         nursery.cancel_scope.cancel()

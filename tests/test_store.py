@@ -122,7 +122,8 @@ def test_a_v4_store_gains_row_versions_and_host_clusters(store_url: str) -> None
     with s.begin() as tx:
         bid = tx.insert_backend(name="old", tm="dir", root_ino=0)
         tx.upsert_host("h1", state="ONLINE", heartbeat=0, started=0)
-        for table, column in (("namespace", "ver"), ("image", "ver"), ("host", "clusters")):
+        for table, column in (("namespace", "ver"), ("image", "ver"), ("storagebackend_pool", "ver"),
+                              ("host", "clusters")):
             tx.c.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
         tx.c.exec_driver_sql(f"INSERT INTO image (backend_id, key, size, created) VALUES ({bid}, 'k', 5, 0)")
         tx.c.exec_driver_sql("UPDATE schema_info SET version = 4")
@@ -132,5 +133,6 @@ def test_a_v4_store_gains_row_versions_and_host_clusters(store_url: str) -> None
         assert tx.c.execute(sa.select(st.schema_info.c.version)).scalar_one() == st.SCHEMA_VERSION
         [im] = tx.images()
         assert (im.key, im.size, im.ver) == ("k", 5, 0) and tx.node(ROOT_INO).ver == 0
+        assert [b.ver for b in tx.backends()] == [0]
         assert [h["clusters"] for h in tx.hosts()] == ['["default"]']
     s.close()

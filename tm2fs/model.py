@@ -91,6 +91,7 @@ class Backend:
     created: float
     updated: float
     monitored: float | None
+    ver: int = field(default=0, compare=False)  # as Node.ver
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,8 @@ class Pool:
         if delta.backends:
             for bid, b in delta.backends.items():
                 old_b = self.backend_rows.get(bid)
+                if self._older(("b", bid), b, old_b):
+                    continue
                 if b is None:
                     self.backend_rows.pop(bid, None)
                     continue
@@ -180,8 +182,8 @@ class Pool:
             for hook in self.backend_hooks:
                 hook()
 
-    def _older(self, key: tuple[str, int], new: Node | Image | None, old: Node | Image | None,
-               ) -> bool:
+    def _older(self, key: tuple[str, int], new: Node | Image | Backend | None,
+               old: Node | Image | Backend | None) -> bool:
         """Whether a row heard of is older than what memory holds: notifications, this host's
         own commits and re-reads arrive in different orders; row versions (PostgreSQL) and the
         ids of deleted rows tell. (SQLite has one host, in order, and may reuse ids.)"""

@@ -53,6 +53,7 @@ backend = sa.Table(
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
     sa.Column("monitored", sa.Float),
+    sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0"),  # Node.ver
 )
 
 node = sa.Table(
@@ -169,6 +170,7 @@ def _v4_to_v5(c: sa.Connection) -> None:
     hear them; the clusters each host places in."""
     for table, column, kind, default in (("namespace", "ver", "BIGINT", "0"),
                                          ("image", "ver", "BIGINT", "0"),
+                                         ("storagebackend_pool", "ver", "BIGINT", "0"),
                                          ("host", "clusters", "TEXT", """'["default"]'""")):
         if column not in {col["name"] for col in sa.inspect(c).get_columns(table)}:
             c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind} NOT NULL "

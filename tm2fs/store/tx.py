@@ -69,7 +69,8 @@ def _decode_backend(row: Any) -> Backend:
     return Backend(
         **{k: m[k] for k in ("id", "name", "state", "tm", "capacity", "total", "free", "used",
                              "cost", "overcommit", "reserved", "priority", "role", "cluster",
-                             "timeout", "error", "root_ino", "created", "updated", "monitored")},
+                             "timeout", "error", "root_ino", "created", "updated", "monitored",
+                             "ver")},
         tm_raw=json.loads(m["tm_raw"]), tags=json.loads(m["tags"]), attrs=json.loads(m["attrs"]),
     )
 
@@ -108,22 +109,25 @@ class Delta:
         return {"n": sorted(self.nodes), "i": sorted(self.images), "b": sorted(self.backends)}
 
     def rows(self) -> dict[str, list[Any]]:
-        """Entries and images as JSON-able rows (a backend row is large and rarely changes:
-        its id only, to re-read)."""
-        return {"rn": [[getattr(n, f) for f in Node.__slots__] for n in self.nodes.values() if n],
-                "dn": [i for i, n in self.nodes.items() if n is None],
-                "ri": [[getattr(m, f) for f in Image.__slots__] for m in self.images.values() if m],
-                "di": [i for i, m in self.images.items() if m is None],
-                "b": sorted(self.backends)}
+        """The rows as JSON-able lists in their fields' order; deleted ones by id."""
+        out: dict[str, list[Any]] = {}
+        for kind, rows, fields in (("n", self.nodes, Node.__slots__),
+                                   ("i", self.images, Image.__slots__),
+                                   ("b", self.backends, Backend.__slots__)):
+            out["r" + kind] = [[getattr(r, f) for f in fields] for r in rows.values() if r]
+            out["d" + kind] = [i for i, r in rows.items() if r is None]
+        return out
 
     @classmethod
     def from_rows(cls, data: dict[str, Any]) -> Delta:
-        """The inverse of `rows` (backends aside); ValueError/TypeError if malformed."""
+        """The inverse of `rows`; ValueError/TypeError if malformed."""
         nodes: dict[int, Node | None] = {int(i): None for i in data.get("dn", [])}
         nodes.update((n.ino, n) for n in (Node(*r) for r in data.get("rn", [])))
         images: dict[int, Image | None] = {int(i): None for i in data.get("di", [])}
         images.update((m.id, m) for m in (Image(*r) for r in data.get("ri", [])))
-        return cls(nodes, images)
+        backends: dict[int, Backend | None] = {int(i): None for i in data.get("db", [])}
+        backends.update((b.id, b) for b in (Backend(*r) for r in data.get("rb", [])))
+        return cls(nodes, images, backends)
 
 
 class Tx:
@@ -151,8 +155,11 @@ class Tx:
             got = self.images_by_id(sorted(self.touched_images), bump)
             d.images = {i: got.get(i) for i in self.touched_images}
         if self.touched_backends:
-            rows = self.c.execute(sa.select(backend).where(backend.c.id.in_(
-                sorted(self.touched_backends))))
+            ids = sorted(self.touched_backends)
+            rows = self.c.execute(
+                backend.update().where(backend.c.id.in_(ids)).values(ver=backend.c.ver + 1)
+                .returning(*backend.c) if bump else
+                sa.select(backend).where(backend.c.id.in_(ids)))
             got_b = {b.id: b for b in map(_backend, rows)}
             d.backends = {i: got_b.get(i) for i in self.touched_backends}
         return d
