@@ -10,7 +10,7 @@ ROOT=$PWD
 PACKAGES=(
   fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv   # pyfuse3 builds against libfuse3
   e2fsprogs util-linux fio qemu-utils file genisoimage          # tests and benchmarks use them
-  postgresql sqlite3 procps psmisc                              # the pool store's engines
+  postgresql pgbouncer sqlite3 procps psmisc                    # the pool store's engines, a pooler
   tgt libiscsi-bin qemu-block-extra                             # iSCSI: userspace target, initiator
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd rbd-fuse  # Ceph: test cluster
 )

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db", metavar="URL",
                    help="pool store: sqlite:///path or postgresql+psycopg://user@host/db "
                         "(default: sqlite under the state dir)")
+    p.add_argument("--listen-db", metavar="URL",
+                   help="PostgreSQL reached directly for change notifications (LISTEN), when "
+                        "--db goes through PgBouncer in transaction mode (default: --db)")
     p.add_argument("--socket", default=os.environ.get("TM2FS_SOCKET", "/run/tm2fs/tm2fs.sock"),
                    help="control socket for the CLIs (default: $TM2FS_SOCKET or %(default)s)")
     p.add_argument("--host", default=socket.gethostname(),
@@ -137,11 +140,13 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
     prepare_mountpoint(mountpoint)
     clean = False
     async with contextlib.AsyncExitStack() as stack:
-        store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")))
+        store = PoolStore(args.db or sqlite_url(str(state_dir / "pool.db")), args.listen_db)
         stack.callback(store.close)
         service = Service(store, state_dir, host=args.host, mountpoint=str(mountpoint),
                           clusters=args.clusters or (DEFAULT_CLUSTER,))
         service.host_timeout = args.host_timeout
+        # LISTEN before the first read: a change another host makes meanwhile is heard
+        listener = await trio.to_thread.run_sync(store.listen) if store.shared else None
         await service.start()
         # a crash: the heartbeat stops and leases stay until broken; a clean stop gives them back
         stack.push_async_callback(lambda: service.stop(clean))
@@ -157,7 +162,7 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
         await nursery.start(api.serve, service, args.socket)
         nursery.start_soon(monitor.run, service, args.monitor_interval)
         nursery.start_soon(hosts.heartbeat, service)
-        await nursery.start(hosts.listen, service)
+        await nursery.start(hosts.listen, service, listener)
         nursery.start_soon(_stop_on_signals)
         log.info("tm2fs %s: pool mounted at %s, control socket %s, host %s", __version__,
                  mountpoint, args.socket, args.host)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import threading
+from typing import Any
 
 import trio
 
@@ -31,23 +32,26 @@ async def heartbeat(service: Service) -> None:
     await every("heartbeat", HEARTBEAT, service.heartbeat)
 
 
-async def listen(service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                 ) -> None:
-    """Apply the other hosts' change notifications, for as long as the daemon runs."""
+async def listen(service: Service, conn: Any = None, *,
+                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Apply the other hosts' change notifications, for as long as the daemon runs. `conn`: a
+    LISTENing connection made before the service read the pool (what was heard since waits in
+    it), else one is made here."""
     if not service.store.shared:
         task_status.started()
         return
     inbox = _Inbox()
     token = trio.lowlevel.current_trio_token()
     stop = threading.Event()
-    conn = service.store.listen()  # here, so a store that cannot LISTEN fails the start
+    if conn is None:  # here, so a store that cannot LISTEN fails the start
+        conn = await trio.to_thread.run_sync(service.store.listen)
 
     def pump() -> None:
         nonlocal conn
         while not stop.is_set():
             try:
-                for note in conn.notifies(timeout=0.5):
-                    trio.from_thread.run_sync(inbox.offer, note.payload, trio_token=token)
+                for note in conn.notifies(timeout=0.5):  # handed over without waiting, in order
+                    token.run_sync_soon(inbox.offer, note.payload)
             except trio.RunFinishedError:
                 break
             except Exception as e:

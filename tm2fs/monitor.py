@@ -33,11 +33,11 @@ async def run(service: Service, interval: float = 30.0, prompt: float = 1.0) -> 
             stale, service.stale = service.stale, set()
             async with trio.open_nursery() as nursery:
                 for backend_id in stale:
-                    nursery.start_soon(_one, service, backend_id)
+                    nursery.start_soon(_one, service, backend_id, True)
 
     await every("monitor", prompt, step)
 
 
-async def _one(service: Service, backend_id: int) -> None:
+async def _one(service: Service, backend_id: int, prompt: bool) -> None:
     with contextlib.suppress(NotFound):  # deleted meanwhile
-        await service.monitor_backend(backend_id)
+        await service.monitor_backend(backend_id, prompt)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 HOST_TIMEOUT = 10.0  # a host silent this long is presumed dead
 VIEW_FRESH = 90.0  # seconds a host's monitor view of a backend counts (3 default monitor passes)
 # errnos that mean the backend itself is in trouble (not the request)
+MINOR = 4 * 2**20  # bytes: a FREE/USED change a prompt monitor pass does not record
 BACKEND_FAULTS = {errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                   errno.ECONNREFUSED, errno.ECONNRESET, errno.ENETUNREACH, errno.ENODEV}
 
@@ -211,8 +212,11 @@ class Backends:
                    and v["state"] == "READY" and now - v["checked"] < VIEW_FRESH
                    for v in tx.host_backends())
 
-    async def monitor(self, backend_id: int) -> None:
-        """Refresh capacity and state; the only way out of ERROR is a monitor that succeeds."""
+    async def monitor(self, backend_id: int, prompt: bool = False) -> None:
+        """Refresh capacity and state; the only way out of ERROR is a monitor that succeeds.
+        `prompt`: a pass right after this host changed the backend's usage; it records FREE and
+        USED only if they moved by more than `MINOR` (every row change is heard by every
+        host: a shared filesystem's FREE moves all the time), the full pass records any change."""
         b = self.get(backend_id)
         if b.state == "REMOTE":
             await self.pool.write(lambda tx: tx.set_host_backend(self.host, b.id, "REMOTE", b.error))
@@ -238,6 +242,9 @@ class Backends:
                         lambda tx: tx.set_host_backend(self.host, b.id, "ERROR", reason))
                 return
         total, free, used = capped(cap, b.capacity)
+        if prompt and b.state == "READY" and b.total == total and not (
+                _moved(b.free, free, total) or _moved(b.used, used, total)):
+            return
 
         def work(tx: Tx) -> None:
             current = tx.lock_backend(b.id)  # a concurrent disable is not overwritten
@@ -292,6 +299,12 @@ class Backends:
         for rt in self.runtimes.values():
             await quietly(rt.driver.stop())
         await self.stop_retired()
+
+
+def _moved(before: int | None, now: int | None, total: int | None) -> bool:
+    if before is None or now is None:
+        return before != now
+    return abs(now - before) >= max(MINOR, (total or 0) // 100_000)
 
 
 def capped(cap: Capacity, limit: int | None) -> tuple[int | None, int | None, int | None]:

@@ -35,10 +35,16 @@ class Placing:
         self.backends = backends
         #: (taken at, pool, attribute names)
         self._snapshot: tuple[float, placement.Pool, set[str]] | None = None
-        pool.backend_hooks.append(self.forget)
+        #: (read at, backend id -> (NBIMAGE, NBVM, ALLOCATED)): kept when only backend rows
+        #: change (a monitor pass on any host), so that costs no aggregate query
+        self._counters: tuple[float, dict[int, tuple[int, int, int]]] | None = None
+        pool.backend_hooks.append(self._backends_changed)
+
+    def _backends_changed(self) -> None:
+        self._snapshot = None
 
     def forget(self) -> None:
-        self._snapshot = None
+        self._snapshot = self._counters = None
 
     async def place(self, caller: Caller, size: int | str, *, role: str | None = None,
                     requirements: str | None = None, rank: str | None = None,
@@ -63,7 +69,7 @@ class Placing:
             try:
                 reservation = await self.reserve(v.backend.id, size, key)
             except err.NoSpace:
-                self._snapshot = None  # the snapshot promised room another host took
+                self.forget()  # the snapshot promised room another host took
                 continue
             log.info("placed %s on backend %s (%s)", format_size(size), v.backend.name,
                      req.ranking)
@@ -91,7 +97,11 @@ class Placing:
         cached = self._snapshot
         if cached is not None and time.monotonic() - cached[0] < SNAPSHOT_TTL:
             return cached[1], cached[2]
-        counters = await self.pool.read(Tx.counters)
+        if self._counters is not None and time.monotonic() - self._counters[0] < SNAPSHOT_TTL:
+            taken, counters = self._counters
+        else:
+            taken, counters = time.monotonic(), await self.pool.read(Tx.counters)
+            self._counters = taken, counters
         backends = list(self.backends.by_id.values())
         before = {entry[0].id: entry for entry in cached[1]} if cached else {}
         pool = []
@@ -105,7 +115,7 @@ class Placing:
             r = placement.room(b, allocated)
             pool.append((b, placement.attributes(b, r, nbimage, nbvm), r))
         known = {*placement.ATTRIBUTES, *(str(k).upper() for b in backends for k in b.attrs)}
-        self._snapshot = (time.monotonic(), pool, known)
+        self._snapshot = (taken, pool, known)
         return pool, known
 
     async def reserve(self, backend_id: int, size: int, key: str | None) -> int:
@@ -132,11 +142,14 @@ class Placing:
     async def unreserve(self, reservation: int | None) -> None:
         """Give a promise back (a failed create); gone already is fine."""
         if reservation is not None:
-            self._snapshot = None
+            self.forget()
             await self.pool.write(lambda tx: tx.delete_reservation(reservation))
 
     def _reserved(self, backend_id: int, size: int) -> None:
         """Keep the snapshot true to this daemon's own reservation, in place."""
+        if self._counters is not None:
+            nbimage, nbvm, allocated = self._counters[1].get(backend_id, (0, 0, 0))
+            self._counters[1][backend_id] = (nbimage, nbvm, allocated + size)
         cached = self._snapshot
         if cached is None:
             return

@@ -123,8 +123,8 @@ class Service:
     async def delete_backend(self, caller: Caller, ref: str | int, force: bool = False) -> None:
         await self.admin.delete(caller, ref, force)
 
-    async def monitor_backend(self, backend_id: int) -> None:
-        await self.backends.monitor(backend_id)
+    async def monitor_backend(self, backend_id: int, prompt: bool = False) -> None:
+        await self.backends.monitor(backend_id, prompt)
 
     async def monitor_all(self) -> None:
         await self.backends.monitor_all()

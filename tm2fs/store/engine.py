@@ -3,8 +3,11 @@ start, transactions for callers outside the store worker (tests, tools), and dur
 
 from __future__ import annotations
 
+import json
 import logging
 import stat
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,14 +21,18 @@ from .schema import CHANNEL, meta, node, schema_info
 from .tx import Tx
 
 log = logging.getLogger(__name__)
+PROBE_WAIT = 5.0  # seconds a new LISTEN connection has to hear its own probe
 
 
 class PoolStore:
     """Owns the engine; `begin()` gives a transaction, `read()` a consistent read."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, listen_url: str | None = None) -> None:
+        """`listen_url`: PostgreSQL reached directly, for LISTEN, when `url` goes through a pooler
+        in transaction mode (PgBouncer), which cannot carry a session's LISTEN."""
         self.url = url
-        self.engine = _engine(url)
+        self.listen_url = listen_url or url
+        self.engine = _engine(url, pooled=self.listen_url != url)
         self._migrate()
 
     @property
@@ -69,13 +76,30 @@ class PoolStore:
             raw.close()
 
     def listen(self) -> Any:
-        """A dedicated psycopg connection LISTENing on the change channel (PostgreSQL only)."""
+        """A dedicated psycopg connection LISTENing on the change channel (PostgreSQL only),
+        proven to hear: a pooler in transaction mode (PgBouncer) accepts LISTEN and then
+        delivers nothing, and hosts would silently stop hearing each other."""
         import psycopg
 
-        url = self.engine.url.set(drivername="postgresql")
-        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-        conn.execute(f"LISTEN {CHANNEL}")
-        return conn
+        url = sa.make_url(self.listen_url).set(drivername="postgresql")
+        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True,
+                               connect_timeout=10)
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+            token = uuid.uuid4().hex
+            with self.engine.begin() as c:
+                c.execute(sa.select(sa.func.pg_notify(CHANNEL, json.dumps({"probe": token}))))
+            deadline = time.monotonic() + PROBE_WAIT
+            while (left := deadline - time.monotonic()) > 0:
+                if any(token in n.payload for n in conn.notifies(timeout=left, stop_after=1)):
+                    return conn
+            raise RuntimeError(
+                f"change notifications do not arrive through {url.render_as_string()}: LISTEN "
+                "needs a session of its own (PgBouncer in transaction mode cannot give one); "
+                "give --listen-db with a URL that reaches PostgreSQL directly")
+        except BaseException:
+            conn.close()
+            raise
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -120,7 +144,7 @@ class PoolStore:
             tx.c.execute(schema_info.update().values(version=schema.SCHEMA_VERSION))
 
 
-def _engine(url: str) -> sa.Engine:
+def _engine(url: str, pooled: bool = False) -> sa.Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
 
@@ -144,9 +168,12 @@ def _engine(url: str) -> sa.Engine:
     # No pre-ping (a round trip per transaction): a dead connection fails its statement, the pool
     # drops it, and the next transaction connects again. A server that stops answering is noticed
     # by TCP keepalives instead of hanging the store worker for ever.
+    # Through a pooler in transaction mode consecutive transactions may run on different server
+    # connections: no server-side prepared statements (psycopg prepares a query run 5 times).
     return sa.create_engine(url, pool_size=2, max_overflow=2, connect_args={
         "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
-        "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000})
+        "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000,
+        **({"prepare_threshold": None} if pooled else {})})
 
 
 def sqlite_url(path: str) -> str:
