@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,12 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon import Daemon
+from tm2fs import errors as err
+from tm2fs import metrics
+from tm2fs.core import ROOT, Service
+from tm2fs.daemon import host_port
+from tm2fs.drivers.memory import heal, inject
 
-pytestmark = pytest.mark.mount
 NOBODY = 65534
 MiB = 2**20
 
@@ -100,6 +106,7 @@ def ok(p: subprocess.CompletedProcess[bytes]) -> str:
     return p.stdout.decode()
 
 
+@pytest.mark.mount
 def test_pool_gauges_match_the_backend_list(daemon: Daemon, http: httpx.Client, port: int,
                                             tmp_path: Path) -> None:
     ok(daemon.tm2("allocate", "local:a.img", "3M"))
@@ -150,6 +157,7 @@ def _fuse(samples: Samples, operation: str) -> float:
     return value(samples, "tm2fs_fuse_request_duration_seconds_count", operation=operation)
 
 
+@pytest.mark.mount
 def test_io_on_the_mount_moves_the_fuse_and_driver_histograms(daemon: Daemon,
                                                               http: httpx.Client) -> None:
     image = daemon.mnt / "local" / "fio.img"
@@ -192,6 +200,7 @@ def test_io_on_the_mount_moves_the_fuse_and_driver_histograms(daemon: Daemon,
     assert value(after, "tm2fs_store_transaction_duration_seconds_count", kind="write") > 0
 
 
+@pytest.mark.mount
 def test_api_requests_by_route_template_and_status(daemon: Daemon, http: httpx.Client) -> None:
     def count(samples: Samples, method: str, route: str, status: int) -> float:
         return value(samples, "tm2fs_api_requests_total", method=method, route=route,
@@ -229,6 +238,7 @@ with httpx.Client(transport=httpx.HTTPTransport(uds=sys.argv[1])) as c:
 """
 
 
+@pytest.mark.mount
 def test_any_local_user_may_scrape_what_the_backend_list_shows_everyone(
         daemon: Daemon, http: httpx.Client) -> None:
     """The rule (README, Metrics): /metrics holds only pool-level figures that
@@ -258,3 +268,43 @@ def test_any_local_user_may_scrape_what_the_backend_list_shows_everyone(
 def ok_json(p: subprocess.CompletedProcess[bytes]) -> list[dict[str, Any]]:
     data = json.loads(ok(p))
     return data if isinstance(data, list) else data.get("STORAGEBACKEND_POOL", data)
+
+
+@pytest.mark.logs_ok
+async def test_a_driver_timeout_is_counted_and_the_scrape_shows_the_error(service: Service) -> None:
+    """In-process: a hung driver call (the memory driver's injected fault) past TIMEOUT."""
+    name = f"metrics-{uuid.uuid4().hex[:8]}"
+    await service.create_backend(ROOT, {"NAME": "m", "TM": "memory", "TIMEOUT": "0.5",
+                                        "TM_RAW": f"NAME={name} CAPACITY=64M"})
+    of = await service.open_address("m:disk", ROOT, writable=True, create=True)
+    await service.write(of, 0, b"kept")
+    _, before = parse(metrics.exposition(await service.pool_figures())[0].decode())
+    inject(name, "hang", calls=["read"])
+    try:
+        with pytest.raises(err.BackendUnavailable, match="timed out"):
+            await service.read(of, 0, 4)
+    finally:
+        heal(name)
+    body, content_type = metrics.exposition(await service.pool_figures())
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    follows_the_naming_guide(body.decode())
+    _, after = parse(body.decode())
+    timeouts = "tm2fs_driver_timeouts_total"
+    assert (value(after, timeouts, backend="m", action="read")
+            - value(before, timeouts, backend="m", action="read")) == 1
+    assert value(before, "tm2fs_backend_state", backend="m", tm2fs_backend_state="READY") == 1
+    assert value(after, "tm2fs_backend_state", backend="m", tm2fs_backend_state="ERROR") == 1
+    assert value(after, "tm2fs_backend_state", backend="m", tm2fs_backend_state="READY") == 0
+    assert value(after, "tm2fs_backend_capacity_bytes", backend="m") == 64 * MiB
+    assert (value(after, "tm2fs_driver_call_duration_seconds_count", backend="m", action="write")
+            >= 1)
+    await service.release(of)
+
+
+def test_metrics_listen_takes_an_address_and_a_port() -> None:
+    assert host_port("127.0.0.1:9810") == ("127.0.0.1", 9810)
+    assert host_port("[::]:9810") == ("::", 9810)
+    assert host_port("hv-01.example:9810") == ("hv-01.example", 9810)
+    for bad in ("9810", ":9810", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "h:x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            host_port(bad)
