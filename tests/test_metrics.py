@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -96,7 +97,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def scrape(http: httpx.Client) -> tuple[dict[str, str], Samples]:
     r = http.get("/metrics")
     assert r.status_code == 200, r.text
-    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert r.headers["content-type"] == CONTENT_TYPE_LATEST
     follows_the_naming_guide(r.text)
     return parse(r.text)
 
@@ -133,7 +134,7 @@ def test_pool_gauges_match_the_backend_list(daemon: Daemon, http: httpx.Client, 
     base = f"http://127.0.0.1:{port}"
     r = httpx.get(f"{base}/metrics", timeout=30)
     assert r.status_code == 200
-    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert r.headers["content-type"] == CONTENT_TYPE_LATEST
     tcp_types, tcp_samples = parse(r.text)
     assert tcp_types == types
     assert value(tcp_samples, "tm2fs_backend_images", backend="local") == 2
@@ -286,7 +287,7 @@ async def test_a_driver_timeout_is_counted_and_the_scrape_shows_the_error(servic
     finally:
         heal(name)
     body, content_type = metrics.exposition(await service.pool_figures())
-    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert content_type == CONTENT_TYPE_LATEST
     follows_the_naming_guide(body.decode())
     _, after = parse(body.decode())
     timeouts = "tm2fs_driver_timeouts_total"

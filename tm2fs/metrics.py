@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
@@ -69,7 +70,7 @@ class LoopChild:
         self.observe_ns(round(seconds * 1e9))
 
 
-class LoopHistogram:
+class LoopHistogram(Collector):
     """A histogram observed and collected on the trio thread only (no locks; see the module
     docstring), registered in REGISTRY."""
 
@@ -79,7 +80,7 @@ class LoopHistogram:
         self.bounds_ns = tuple(round(b * 1e9) for b in buckets)
         self.les = [floatToGoString(b) for b in buckets] + ["+Inf"]
         self.children: dict[tuple[str, ...], LoopChild] = {}
-        REGISTRY.register(self)  # type: ignore[arg-type]
+        REGISTRY.register(self)
 
     def labels(self, *values: str) -> LoopChild:
         child = self.children.get(values)
