@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.exposition import choose_encoder
@@ -45,11 +45,11 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
-# from a page-cache hit (tens of µs) to a stuck backend (its TIMEOUT, up to an hour)
+# FUSE requests and driver calls: from a page-cache hit (tens of µs) to a slow backend
 FAST = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25,
         0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# API requests and pool-store transactions: up to a whole-image copy behind an API request
 SLOW = (1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
-
 
 
 class LoopChild:
@@ -136,7 +136,7 @@ STORE_SECONDS = Histogram(
     "from its BEGIN to its commit",
     ["kind"], buckets=SLOW, registry=REGISTRY)
 
-UNMATCHED = "(unmatched)"  # the route label of a request no route matched (404)
+UNMATCHED = "(unmatched)"  # the route label of a request no route matched (404, 405)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +164,7 @@ class PoolFigures:
     host_timeout: float
     store_up: bool
     leases_held: int | None = None
-    heartbeat_ages: dict[str, float] | None = field(default=None)
+    heartbeat_ages: dict[str, float] | None = None
 
 
 def pool_families(p: PoolFigures) -> Iterator[Metric]:
