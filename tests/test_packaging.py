@@ -20,6 +20,7 @@ NEEDED = [
     ("run", "psycopg", "3.2", "Connection.notifies(timeout=)"),
     ("run", "h11", "0.16", "strict chunked-body parsing (CVE-2025-43859)"),
     ("run", "httpx", "0.25.1", "httpcore 1.x, so h11 0.16"),
+    ("run", "prometheus-client", "0.16", "Debian 12's python3-prometheus-client, the oldest tested"),
     ("test", "trio", "0.29", "trio.lowlevel.in_trio_run"),
     ("test", "schemathesis", "4.0", "run --phases coverage, the unsupported_method check"),
 ]

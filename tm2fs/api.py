@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, metrics
 from . import errors as err
 from .apischema import MAX_BODY, Schema, check, parse_json
 from .core import COPY_CHUNK, STREAM_DEPTH, Caller, Service, read_chunks, write_chunks
-from .httpserver import Request, Response, serve_unix
+from .httpserver import Request, Response, serve_tcp, serve_unix
 from .sizes import MAX_SIZE, parse_size
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,13 @@ async def health(svc: Service, req: Request) -> Any:
     return {"host": svc.host, "version": __version__, "mountpoint": svc.mountpoint}
 
 
+@route("GET", "/metrics", "Prometheus metrics: text exposition format (OpenMetrics if the Accept "
+       "header asks for it); pool-level figures only, as `onestoragebackend list` shows everyone")
+async def scrape(svc: Service, req: Request) -> Any:
+    body, content_type = metrics.exposition(await svc.pool_figures(), req.headers.get("accept", ""))
+    return Response(200, body, content_type)
+
+
 @route("GET", "/openapi.json", "This description")
 async def openapi(svc: Service, req: Request) -> Any:
     return openapi_document()
@@ -394,6 +402,8 @@ ERROR: Schema = {"type": "object", "required": ["error", "message"],
 JSON_ANSWER = {"application/json": {"schema": {"type": ["object", "array"]}}}
 RAW = {"application/octet-stream": {"schema": {"type": "string",
                                                "contentMediaType": "application/octet-stream"}}}
+TEXT = {"text/plain": {"schema": {"type": "string"}},
+        "application/openmetrics-text": {"schema": {"type": "string"}}}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -405,7 +415,8 @@ def openapi_document() -> dict[str, Any]:
         for status in r.ok:
             responses[str(status)] = {"description": "success"}
             if status != 204:
-                responses[str(status)]["content"] = RAW if r.func is read else JSON_ANSWER
+                responses[str(status)]["content"] = (RAW if r.func is read else TEXT
+                                                     if r.func is scrape else JSON_ANSWER)
         responses["4XX"] = responses["5XX"] = failed
         op: dict[str, Any] = {"summary": r.summary, "operationId": r.func.__name__,
                               "responses": responses}
@@ -454,10 +465,21 @@ def error_response(req: Request, e: Exception) -> Response | None:
     return Response.json(error.to_dict(), error.status)
 
 
+METHODS = frozenset(r.method for r in ROUTES) | {"HEAD", "OPTIONS"}  # the metrics' method labels
+
+
+def counted(method: str, route: str, start: float, status: int) -> None:
+    """One answered request in the metrics; any other method is `other` (a bounded label)."""
+    method = method if method in METHODS else "other"
+    metrics.API_REQUESTS.labels(method, route, str(status)).inc()
+    metrics.API_SECONDS.labels(method, route).observe(time.perf_counter() - start)
+
+
 def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
     compiled = [(r, r.regex) for r in ROUTES]
 
     async def handle(req: Request) -> Response:
+        start = time.perf_counter()
         allowed = []
         for r, regex in compiled:
             m = regex.match(req.path)
@@ -466,26 +488,53 @@ def make_handler(svc: Service) -> Callable[[Request], Awaitable[Response]]:
             if r.method != req.method:
                 allowed.append(r.method)
                 continue
+            response: Response | None
             try:
                 result = await r.func(svc, await checked(r, req), **m.groupdict())
+                response = result if isinstance(result, Response) else Response.json(result)
             except Exception as e:
                 response = error_response(req, e)
-                if response is None:
-                    raise  # a bug: the server logs it and answers 500
-                return response
-            return result if isinstance(result, Response) else Response.json(result)
-        if allowed:
-            response = Response.json({"error": "invalid_argument",
-                                      "message": f"{req.method} not allowed on {req.path}"}, 405)
-            response.headers.append(("allow", ", ".join(allowed)))
+                if response is None:  # a bug: the server logs it and answers 500
+                    counted(req.method, r.pattern, start, 500)
+                    raise
+            counted(req.method, r.pattern, start, response.status)
             return response
-        return Response.json({"error": "not_found", "message": f"no route {req.path}",
-                              "hint": "GET /openapi.json lists the routes"}, 404)
+        response = unrouted(req, allowed)
+        counted(req.method, metrics.UNMATCHED, start, response.status)
+        return response
 
     return handle
+
+
+def unrouted(req: Request, allowed: list[str]) -> Response:
+    """405 if another method has the path, else 404."""
+    if allowed:
+        response = Response.json({"error": "invalid_argument",
+                                  "message": f"{req.method} not allowed on {req.path}"}, 405)
+        response.headers.append(("allow", ", ".join(allowed)))
+        return response
+    return Response.json({"error": "not_found", "message": f"no route {req.path}",
+                          "hint": "GET /openapi.json lists the routes"}, 404)
 
 
 async def serve(svc: Service, socket_path: str, *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """The daemon's entry point: serve until cancelled."""
     await serve_unix(socket_path, make_handler(svc), task_status=task_status)
+
+
+async def serve_metrics(svc: Service, host: str, port: int, *,
+                        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """`--metrics-listen`: GET /metrics on TCP, for a Prometheus server elsewhere, and nothing
+    else. On the trio loop, like the socket: a scrape reads the in-memory pool, which only the
+    loop may touch (prometheus_client's own server would collect in its thread)."""
+
+    async def handle(req: Request) -> Response:
+        if req.path != "/metrics":
+            return Response.json({"error": "not_found", "message": "only /metrics is served "
+                                  "here"}, 404)
+        if req.method != "GET":
+            return unrouted(req, ["GET"])
+        return await scrape(svc, req)
+
+    await serve_tcp(host, port, handle, task_status=task_status)

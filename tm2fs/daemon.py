@@ -65,10 +65,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stay in the foreground (the default; systemd runs it so)")
     p.add_argument("--background", dest="foreground", action="store_false",
                    help="detach once the mount is ready")
+    p.add_argument("--metrics-listen", type=host_port, metavar="ADDR:PORT",
+                   help="also serve Prometheus metrics (GET /metrics, nothing else) on TCP, e.g. "
+                        "127.0.0.1:9810 or [::]:9810; the control socket always serves them")
     p.add_argument("--debug", action="store_true", help="log debug messages")
     httplimits.add_arguments(p)
     p.add_argument("--version", action="version", version=f"tm2fs {__version__}")
     return p.parse_args(argv)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """ADDR:PORT (an IPv6 address in brackets) for --metrics-listen."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDR:PORT (e.g. 127.0.0.1:9810)")
+    return host, int(port)
 
 
 def setup_logging(debug: bool) -> None:
@@ -160,6 +172,10 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
         stack.callback(lambda: pyfuse3.close(unmount=clean))
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(api.serve, service, args.socket)
+        if args.metrics_listen:
+            bound = await nursery.start(api.serve_metrics, service, *args.metrics_listen)
+            host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, bound[1])
         nursery.start_soon(monitor.run, service, args.monitor_interval)
         nursery.start_soon(hosts.heartbeat, service)
         await nursery.start(hosts.listen, service, listener)

@@ -135,7 +135,7 @@ async def serve_unix(path: str, handler: Handler, *, limits: Limits | None = Non
         sock.listen(128)
         task_status.started()
         async with trio.open_nursery() as nursery:
-            await _accept(sock, handler, limits, nursery)
+            await _accept(sock, handler, limits, nursery, peer_of)
     finally:
         sock.close()
         with contextlib.suppress(OSError):
@@ -146,8 +146,33 @@ ACCEPT_SHORT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
 
 
+ANONYMOUS = Peer(0, -1, -1, frozenset())  # a TCP client: no credentials, one shared share
+
+
+async def serve_tcp(host: str, port: int, handler: Handler, *, limits: Limits | None = None,
+                    task_status: trio.TaskStatus[tuple[Any, ...]] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+    """Listen on TCP `host`:`port` (0: any free port; `started` gets the address bound), for a
+    handler that needs no caller (its peers are all ANONYMOUS, so together they get one uid's
+    share of connections), with the same deadlines as the control socket."""
+    limits = (limits or httplimits.configured()).sized()
+    family, kind, proto, _, address = (await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0]
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(address)
+        sock.listen(128)
+        task_status.started(sock.getsockname())
+        async with trio.open_nursery() as nursery:
+            await _accept(sock, handler, limits, nursery, lambda _: ANONYMOUS)
+    finally:
+        sock.close()
+
+
 async def _accept(sock: trio.socket.SocketType, handler: Handler, limits: Limits,
-                  nursery: trio.Nursery) -> None:
+                  nursery: trio.Nursery,
+                  identify: Callable[[trio.socket.SocketType], Peer]) -> None:
     """Accept for ever. Out of descriptors, wait and retry (logged once per episode); a caller
     beyond its share gets 503 at once, and nothing of it is kept."""
     gate = Gate(limits)
@@ -168,7 +193,7 @@ async def _accept(sock: trio.socket.SocketType, handler: Handler, limits: Limits
                      trio.current_time() - short_since)
             short_since = None
         try:
-            peer = peer_of(conn)
+            peer = identify(conn)
         except OSError:
             conn.close()
             continue

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 import trio
 
 from . import errors as err
+from . import metrics
 from .store import Delta, PoolStore, Tx
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ BATCH = 64  # writes that may share one commit
 STORE_TIMEOUT = 10.0  # seconds a metadata change waits for the pool store before failing
 SYNC_INTERVAL = 1.0  # SQLite: committed changes reach stable storage within this (power loss)
 NOTIFY_MAX = 7000  # bytes; PostgreSQL's payload limit is 8000: larger changes say "everything"
+OBSERVE_READ = metrics.STORE_SECONDS.labels("read").observe
+OBSERVE_WRITE = metrics.STORE_SECONDS.labels("write").observe
 
 
 @dataclass(eq=False)
@@ -207,9 +210,11 @@ class StoreWorker:
         self.transactions += 1
         conn = self._connection()
         conn.execution_options(tm2fs_read=True)  # SQLite: BEGIN, not BEGIN IMMEDIATE
+        start = time.perf_counter()
         try:
             with conn.begin():
                 job.result = job.work(Tx(conn))
+            OBSERVE_READ(time.perf_counter() - start)
             job.delta = job.result if job.refresh else None
         except sa.exc.DBAPIError as e:
             self._drop_connection()
@@ -249,6 +254,7 @@ class StoreWorker:
         conn = self._connection()
         conn.execution_options(tm2fs_read=False)  # SQLite: BEGIN IMMEDIATE
         changed = Delta()
+        start = time.perf_counter()
         try:
             with conn.begin():
                 for job in batch:
@@ -268,6 +274,7 @@ class StoreWorker:
                         changed.merge(job.delta)
                 if changed and self.store.shared:
                     Tx(conn).notify(self._payload(changed))
+            OBSERVE_WRITE(time.perf_counter() - start)
         except BaseException as e:
             if isinstance(e, sa.exc.DBAPIError) and not _transient(e) and not isinstance(
                     e, sa.exc.IntegrityError):

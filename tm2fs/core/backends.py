@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from .. import errors as err
+from .. import metrics
 from ..drivers import driver_class
 from ..drivers.base import Capacity, Driver
 from ..model import Backend
@@ -130,16 +131,19 @@ class Backends:
     async def call(self, b: Backend, what: str, timeout: float | None = None,
                    ) -> AsyncIterator[Driver]:
         """A driver call under the backend's timeout (or a longer one for whole-image work);
-        trouble turns the backend ERROR."""
+        trouble turns the backend ERROR. Timed (metrics.DRIVER_SECONDS) as `what`."""
         rt = self.runtime(b)
         limit = b.timeout if timeout is None else timeout
+        start = time.perf_counter()
         try:
             with trio.fail_after(limit):
                 if not rt.started:
                     await rt.driver.start()
                     rt.started = True
                 yield rt.driver
+            metrics.DRIVER_SECONDS.labels(b.name, what).observe(time.perf_counter() - start)
         except trio.TooSlowError:
+            metrics.DRIVER_TIMEOUTS.labels(b.name, what).inc()
             await self.set_error(b, f"{what} timed out after {limit:g}s")
             raise err.BackendUnavailable(
                 f"backend {b.name}: {what} timed out after {limit:g}s") from None
@@ -152,9 +156,11 @@ class Backends:
         handle whose calls can be abandoned, e.g. through a worker thread, needs), errors mapped.
         read and write do the same without a context manager (`OpenFiles.read`)."""
         b = self.get(backend_id)
+        start = time.perf_counter()
         try:
             with trio.fail_after(b.timeout):
                 yield
+            metrics.DRIVER_SECONDS.labels(b.name, what).observe(time.perf_counter() - start)
         except (trio.TooSlowError, OSError) as e:
             raise await self.data_error(b, what, e) from None
 
@@ -163,6 +169,7 @@ class Backends:
         """What a failed data-path call means: a timeout turns the backend ERROR, an OSError is
         mapped by `os_error`."""
         if isinstance(e, trio.TooSlowError):
+            metrics.DRIVER_TIMEOUTS.labels(b.name, what).inc()
             await self.set_error(b, f"{what} timed out after {b.timeout:g}s")
             return err.BackendUnavailable(f"backend {b.name}: {what} timed out after {b.timeout:g}s")
         return await self.os_error(b, what, e)
@@ -223,13 +230,17 @@ class Backends:
             return
         rt = self.runtime(b)
         async with rt.lock:
+            start = time.perf_counter()
             try:
                 with trio.fail_after(b.timeout):
                     if not rt.started:
                         await rt.driver.start()
                         rt.started = True
                     cap = await rt.driver.monitor()
+                metrics.DRIVER_SECONDS.labels(b.name, "monitor").observe(time.perf_counter() - start)
             except (OSError, trio.TooSlowError, err.Tm2Error) as e:
+                if isinstance(e, trio.TooSlowError):
+                    metrics.DRIVER_TIMEOUTS.labels(b.name, "monitor").inc()
                 if isinstance(e, OSError) and e.errno == errno.EROFS:
                     await self._read_only(b, e.strerror or "read-only")
                     return

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import metrics
 from ..drivers.base import Capacity, Progress
 from ..model import DEFAULT_CLUSTER, ROOT, Attr, Caller
 from ..store import PoolStore
@@ -122,6 +123,10 @@ class Service:
 
     async def delete_backend(self, caller: Caller, ref: str | int, force: bool = False) -> None:
         await self.admin.delete(caller, ref, force)
+
+    async def pool_figures(self) -> metrics.PoolFigures:
+        """The pool's gauges for a Prometheus scrape (`metrics.exposition`)."""
+        return await self.views.figures()
 
     async def monitor_backend(self, backend_id: int, prompt: bool = False) -> None:
         await self.backends.monitor(backend_id, prompt)

@@ -1,18 +1,23 @@
-"""What the CLIs show of backends: one row per backend with its true counters (NBIMAGE, NBVM,
-ALLOCATED are counted in the pool store at the time of asking), and one backend in detail."""
+"""What the CLIs and the metrics show of backends: one row per backend with its true counters
+(NBIMAGE, NBVM, ALLOCATED are counted in the pool store at the time of asking), one backend in
+detail, and the pool's gauges for a scrape."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from .. import placement
-from ..model import ROOT, Backend, Caller, Node
+from .. import errors as err
+from .. import metrics, placement
+from ..model import ROOT, STATES, Backend, Caller, Node
 from ..store import Tx
 from .actions import attachment_view
 from .backend_spec import Names
 from .backends import Backends
 from .permissions import sees
 from .pool import Pool
+
+SCRAPE_STORE_TIMEOUT = 5.0  # seconds; Prometheus gives a scrape 10 s by default
 
 
 class Views:
@@ -49,6 +54,34 @@ class Views:
         view["ATTACHMENTS"] = [attachment_view(a) for a in attached
                                if a.image_id in shown or a.uid == caller.uid]
         return view
+
+    async def figures(self) -> metrics.PoolFigures:
+        """The pool at scrape time. States and sizes come from memory; the counters (exactly
+        as `list` shows them: attachments are not in memory, ALLOCATED includes the pending
+        reservations of every host), this host's leases and every host's heartbeat from one
+        read of the pool store. If the store does not answer within SCRAPE_STORE_TIMEOUT, the
+        scrape has the memory part and says so (tm2fs_store_up 0)."""
+        host = self.pool.host
+
+        def work(tx: Tx) -> tuple[dict[int, tuple[int, int, int]], int, dict[str, float]]:
+            return (tx.counters(), len(tx.leases(holder=host)),
+                    {h["name"]: h["heartbeat"] for h in tx.hosts()})
+
+        counters: dict[int, tuple[int, int, int]] | None = None
+        leases = ages = None
+        try:
+            counters, leases, beats = await self.pool.read(work, timeout=SCRAPE_STORE_TIMEOUT)
+            now = time.time()
+            ages = {name: max(0.0, now - beat) for name, beat in beats.items()}
+        except err.Tm2Error:
+            pass
+        rows = []
+        for b in self.backends.by_id.values():
+            c = counters.get(b.id, (0, 0, 0)) if counters is not None else (None, None, None)
+            rows.append(metrics.BackendFigures(b.name, b.id, b.tm, b.role, b.state, b.total,
+                                               b.free, b.used, c[2], c[0], c[1]))
+        return metrics.PoolFigures((*STATES, "REMOTE"), rows, len(self.pool.open),
+                                   self.backends.host_timeout, counters is not None, leases, ages)
 
     def _incomplete(self, image_id: int) -> bool:
         """A push, write or copy on its way (`Images.create(hidden=True)`): not shown."""
