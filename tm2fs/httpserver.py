@@ -18,6 +18,7 @@ import pwd
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,12 +84,38 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def peer_of(sock: trio.socket.SocketType) -> Peer:
+    """Who is at the other end (the kernel says); the supplementary groups come later, off the
+    loop (`_with_groups`)."""
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                         struct.calcsize("3i")))
-    groups: frozenset[int] = frozenset()
+    return Peer(pid, uid, gid, frozenset())
+
+
+_groups: dict[tuple[int, int], tuple[float, frozenset[int]]] = {}
+GROUPS_TTL = 30.0  # seconds a user's looked-up groups are reused
+
+
+def _lookup_groups(uid: int, gid: int) -> frozenset[int]:
+    """The user's supplementary groups (passwd, group: perhaps LDAP over the network)."""
     with contextlib.suppress(KeyError, OSError):
-        groups = frozenset(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
-    return Peer(pid, uid, gid, groups)
+        return frozenset(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    return frozenset()
+
+
+async def _with_groups(peer: Peer) -> Peer:
+    """The peer with its groups, looked up in a worker thread (a passwd or group look-up may
+    go to an LDAP server: never on the loop), and reused for GROUPS_TTL."""
+    if peer.uid < 0:  # no credentials (TCP)
+        return peer
+    key, now = (peer.uid, peer.gid), time.monotonic()
+    cached = _groups.get(key)
+    if cached is None or now - cached[0] > GROUPS_TTL:
+        groups = await trio.to_thread.run_sync(_lookup_groups, peer.uid, peer.gid,
+                                               abandon_on_cancel=True)
+        if len(_groups) > 10_000:
+            _groups.clear()
+        cached = _groups[key] = (now, groups)
+    return Peer(peer.pid, peer.uid, peer.gid, cached[1])
 
 
 async def claim_socket(path: str) -> None:
@@ -224,6 +251,8 @@ def _refuse(conn: trio.socket.SocketType, why: str) -> None:
 async def _admitted(stream: trio.SocketStream, peer: Peer, handler: Handler, limits: Limits,
                     gate: Gate) -> None:
     try:
+        with trio.move_on_after(limits.header_timeout):  # a hung directory service
+            peer = await _with_groups(peer)
         await _connection(stream, peer, handler, limits)
     finally:
         gate.leave(peer.uid)
