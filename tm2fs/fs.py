@@ -112,7 +112,8 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = attr.size
     e.st_rdev = 0
     e.st_blksize = 128 * 1024
-    e.st_blocks = (attr.size + 511) // 512
+    # what the backend holds, so `du` and `cp --sparse=auto` see holes; unknown: as if full
+    e.st_blocks = ((attr.size if attr.allocated is None else attr.allocated) + 511) // 512
     e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.ctime_ns

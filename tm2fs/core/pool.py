@@ -47,6 +47,9 @@ class Pool:
         #: entries other hosts changed since this host last opened them: the kernel may still
         #: cache their old size (its invalidation runs in the background), so open waits for one
         self.remote_touched: set[int] = set()
+        #: image id -> bytes its backend holds, and images to measure again (core/allocation.py)
+        self.allocated: dict[int, int | None] = {}
+        self.unmeasured: set[int] = set()
 
     async def start(self) -> None:
         self.db.start()
@@ -143,6 +146,7 @@ class Pool:
         for image_id, im in delta.images.items():
             if im is None:
                 self.images.pop(image_id, None)
+                self.allocated.pop(image_id, None)
                 continue
             if remote and self.images.get(image_id) != im and image_id in self.image_ino:
                 self.remote_touched.add(self.image_ino[image_id])
@@ -168,6 +172,7 @@ class Pool:
             self._apply_node(ino, None, kernel)
         for image_id in [i for i in self.images if i not in delta.images]:
             self.images.pop(image_id)
+            self.allocated.pop(image_id, None)
         for bid in [i for i in self.backend_rows if i not in delta.backends]:
             delta.backends[bid] = None
 
