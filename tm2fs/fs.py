@@ -13,11 +13,17 @@ Invalidation runs in a worker thread: the kernel may need a lock held by a reque
 waiting for the trio loop, so calling it on the loop could deadlock. Those threads have their own
 small limiter, so invalidations stuck behind a busy inode never starve the drivers' worker threads.
 
-Data caching: no writeback cache. Measured, it makes 4 KiB random writes 3.5x faster
-(benchmarks/fio_mount.py), but the kernel then trusts its own file size over the daemon's, so a
-`tm2 resize` or a change made on another host would not show on the mount. `keep_cache=False`:
+Data caching: no writeback cache. Measured, it makes buffered writes several times faster
+(README, Performance), but the kernel then keeps its own size of a cached regular file whatever
+getattr and invalidate_inode say (fuse_get_cache_mask), so a `tm2 resize` or another host's
+change would not show on the mount until the kernel evicts the inode. `keep_cache=False`:
 each open starts with a clean page cache, so data written through the API (`tm2 write`, which does
 not pass through the kernel) shows on the next open; a file held open is invalidated explicitly.
+
+st_blocks: what the backend holds (core/allocation.py keeps the figure in memory), so `du`,
+`cp --sparse=auto` and `qemu-img convert` see holes. pyfuse3 has no lseek or fallocate: the
+kernel answers SEEK_DATA/SEEK_HOLE as "all data" (copiers then read the zeros and skip them
+themselves) and fallocate, discard included, with EOPNOTSUPP.
 
 statfs: pyfuse3 does not pass the inode to `statfs`, so `df` anywhere on the mount shows the whole
 pool (the sum over backends with a known size); per-backend figures are `onestoragebackend list`'s.
