@@ -3,9 +3,10 @@ data path, so `du` is right and `cp --sparse=auto`, `rsync -S` and `qemu-img con
 
 getattr answers from `Pool.allocated` and never calls a driver. A figure is measured again (the
 driver's `allocated`, in its worker threads, under the backend's timeout):
-- at close(2) and fsync after writes, awaited: `du` right after a copy is right;
-- about a second after writes to an image held open, and after the last close of a writable
-  open (a staging driver pushes its copy back only then): the monitor's tick;
+- at close(2) after writes, awaited: `du` right after a copy is right;
+- about a second after writes to an image held open (not at fsync: a guest's flushes must not
+  wait for it), and after the last close of a writable open (a staging driver pushes its copy
+  back only then): the monitor's tick;
 - when the pool tells the kernel an image changed (another host, the API, a resize): queued;
 - for an image not measured on this host yet, after its first lookup or getattr: queued. Until
   then st_blocks says the size: an unmeasured thin image looks full, never emptier than it is;
@@ -47,7 +48,7 @@ class Allocation:
             self.pool.unmeasured.add(n.image_id)
 
     async def after_writes(self, oi: OpenImage) -> None:
-        """close(2) or fsync: the image measured now if it was written since last measured."""
+        """close(2): the image measured now if it was written since last measured."""
         if oi.unmeasured:
             oi.unmeasured = False
             await self.measure(oi.image_id)

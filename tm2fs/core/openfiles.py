@@ -238,7 +238,6 @@ class OpenFiles:
         async with self.backends.data(oi.backend_id, "fsync"):
             await oi.handle.aflush()
         await self.images.commit_size(oi)
-        await self.allocation.after_writes(oi)
         await self.pool.db.sync()
 
     async def release(self, of: OpenFile) -> None:
