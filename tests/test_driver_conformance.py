@@ -283,6 +283,19 @@ async def test_allocate_is_thin_exact_and_exclusive(driver: Driver, kind: Kind) 
     await h.aclose()
 
 
+async def test_allocated_counts_what_is_written_not_the_size(driver: Driver, kind: Kind) -> None:
+    """st_blocks on the mount comes from here: a thin image holds about what was written (rbd
+    counts whole 4 MiB objects), not its size."""
+    k = key()
+    await driver.allocate(k, GIB)
+    empty = await driver.allocated(k)
+    await write(driver, k, (0, b"x" * MIB), (512 * MIB, b"y"))
+    held = await driver.allocated(k)
+    assert empty is not None and held is not None
+    assert empty < MIB
+    assert MIB < held <= 8 * MIB
+
+
 async def test_delete_removes_the_key_and_is_idempotent(driver: Driver) -> None:
     a, b = key(), key()
     await driver.allocate(a, MIB)

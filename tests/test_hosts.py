@@ -95,6 +95,22 @@ def test_changes_show_on_every_host_within_the_delay(cluster: list[Daemon]) -> N
 
 
 @pytest.mark.logs_ok
+def test_allocation_follows_another_host_s_writes(cluster: list[Daemon]) -> None:
+    """st_blocks of an image another host writes follows it: the remote change queues a
+    measurement, the monitor's tick makes it (about a second; generous limits here)."""
+    a, b, _ = cluster
+    on_a, on_b = a.mnt / "local" / "thin.img", b.mnt / "local" / "thin.img"
+    with open(on_a, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(b"x")
+    until(lambda: exists(on_b) and on_b.stat().st_size == 64 * MiB, 10)
+    until(lambda: on_b.stat().st_blocks * 512 <= MiB, 20)
+    with open(on_a, "r+b") as f:
+        f.seek(32 * MiB)
+        f.write(b"y" * 8 * MiB)
+    until(lambda: on_b.stat().st_blocks * 512 >= 8 * MiB, 20)
+
+
 def test_one_writer_at_a_time_and_a_dead_holder_s_lease_can_be_broken(cluster: list[Daemon]) -> None:
     a, b, _ = cluster
     (a.mnt / "local" / "disk.img").write_bytes(b"\0" * 8192)

@@ -17,6 +17,7 @@ import pytest
 from tests.daemon import Daemon
 from tests.randomio import random_io
 from tests.servers.tgt import TgtServer
+from tests.sparse import check_sparse
 from tm2fs.drivers.iscsi import parse_tgt_show
 
 pytestmark = [pytest.mark.mount, pytest.mark.iscsi, pytest.mark.slow]
@@ -127,6 +128,11 @@ def test_truncate_by_path_right_after_close(tree: Daemon) -> None:
 
 
 @pytest.mark.logs_ok
+def test_a_thin_image_stays_thin(tree: Daemon, tmp_path: Path) -> None:
+    """st_blocks from the LUN's backing file; cp and qemu-img keep holes."""
+    check_sparse(tree.mnt / "san", tmp_path, slack=MiB)
+
+
 def test_target_away_error_eio_then_ready_data_intact(tree: Daemon, tgt: TgtServer) -> None:
     (tree.mnt / "san" / "kept.img").write_bytes(b"K" * 65536)
     tgt.stop()

@@ -14,6 +14,7 @@ import pytest
 
 from tests.daemon import Daemon
 from tests.randomio import random_io
+from tests.sparse import check_sparse
 
 pytestmark = [pytest.mark.mount, pytest.mark.ceph, pytest.mark.slow]
 MiB = 2**20
@@ -111,6 +112,11 @@ def test_random_io_matches_a_model(tree: Daemon, seed: int) -> None:
 
 
 @pytest.mark.logs_ok
+def test_a_thin_image_stays_thin(tree: Daemon, tmp_path: Path) -> None:
+    """st_blocks from the object map (whole 4 MiB objects: two here); cp and qemu-img keep holes."""
+    check_sparse(tree.mnt / "ceph", tmp_path, slack=8 * MiB)
+
+
 def test_osd_stopped_error_eio_then_ready_again(tree: Daemon, ceph_cluster) -> None:
     (tree.mnt / "ceph" / "kept.img").write_bytes(b"K" * 65536)
     ceph_cluster.stop_osd()

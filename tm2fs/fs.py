@@ -17,11 +17,17 @@ Metrics: every handler's time goes to `tm2fs_fuse_request_duration_seconds{opera
 (`timed`; read, write and getattr inline). Measured with benchmarks/handler_cost.py: +0.5 µs of
 loop time per read or write (with the driver's histogram), +0.25 µs per getattr (README, Metrics).
 
-Data caching: no writeback cache. Measured, it makes 4 KiB random writes 3.5x faster
-(benchmarks/fio_mount.py), but the kernel then trusts its own file size over the daemon's, so a
-`tm2 resize` or a change made on another host would not show on the mount. `keep_cache=False`:
+Data caching: no writeback cache. Measured, it makes buffered writes several times faster
+(README, Performance), but the kernel then keeps its own size of a cached regular file whatever
+getattr and invalidate_inode say (fuse_get_cache_mask), so a `tm2 resize` or another host's
+change would not show on the mount until the kernel evicts the inode. `keep_cache=False`:
 each open starts with a clean page cache, so data written through the API (`tm2 write`, which does
 not pass through the kernel) shows on the next open; a file held open is invalidated explicitly.
+
+st_blocks: what the backend holds (core/allocation.py keeps the figure in memory), so `du`,
+`cp --sparse=auto` and `qemu-img convert` see holes. pyfuse3 has no lseek or fallocate: the
+kernel answers SEEK_DATA/SEEK_HOLE as "all data" (copiers then read the zeros and skip them
+themselves) and fallocate, discard included, with EOPNOTSUPP.
 
 statfs: pyfuse3 does not pass the inode to `statfs`, so `df` anywhere on the mount shows the whole
 pool (the sum over backends with a known size); per-backend figures are `onestoragebackend list`'s.
@@ -142,7 +148,8 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = attr.size
     e.st_rdev = 0
     e.st_blksize = 128 * 1024
-    e.st_blocks = (attr.size + 511) // 512
+    # what the backend holds, so `du` and `cp --sparse=auto` see holes; unknown: as if full
+    e.st_blocks = ((attr.size if attr.allocated is None else attr.allocated) + 511) // 512
     e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.ctime_ns

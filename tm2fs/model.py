@@ -136,3 +136,4 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     backend_id: int | None
+    allocated: int | None = None  # bytes its backend holds (st_blocks); None: unknown, or no image

@@ -2,7 +2,7 @@
 
 A full pass runs every `interval` seconds; backends whose usage just changed (`service.stale`) are
 re-read within a second, so FREE and USED follow what users just did. The loop is also what brings
-a backend back from ERROR.
+a backend back from ERROR, and what measures images' allocation again (core/allocation.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ async def run(service: Service, interval: float = 30.0, prompt: float = 1.0) -> 
             async with trio.open_nursery() as nursery:
                 for backend_id in stale:
                     nursery.start_soon(_one, service, backend_id, True)
+        await service.measure_allocation()
 
     await every("monitor", prompt, step)
 

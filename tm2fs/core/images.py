@@ -244,6 +244,7 @@ class Images:
                     async with self.backends.data(b.id, "resize"):
                         await oi.handle.atruncate(size)
                     oi.size, oi.mtime_ns, oi.dirty = size, t, True
+                    oi.unmeasured = True
                     await self.commit_size(oi)
                 return
             async with self.backends.call(b, "resize") as driver:

@@ -38,8 +38,11 @@ class Namespace:
     # ------------------------------------------------------------------ reading (memory)
 
     def attr(self, n: Node) -> Attr:
-        size, mtime, nlink = 0, n.mtime_ns, 1
+        size, mtime, nlink, allocated = 0, n.mtime_ns, 1, None
         if n.image_id is not None:
+            if n.image_id not in self.pool.allocated:  # not measured here yet: soon
+                self.pool.unmeasured.add(n.image_id)  # (core/allocation.py)
+            allocated = self.pool.allocated.get(n.image_id)
             oi = self.pool.open.get(n.image_id)
             if oi is not None:
                 size, mtime, nlink = oi.size, oi.mtime_ns, 0 if oi.unlinked else 1
@@ -50,7 +53,7 @@ class Namespace:
         elif n.is_dir:
             nlink = 2
         return Attr(n.ino, n.mode, nlink, n.uid, n.gid, size, n.atime_ns, mtime, n.ctime_ns,
-                    n.backend_id)
+                    n.backend_id, allocated)
 
     def get(self, ino: int) -> Node:
         n = self.pool.nodes.get(ino)
@@ -63,7 +66,8 @@ class Namespace:
         if oi is not None:  # hot: the kernel asks during I/O
             n = oi.node
             return Attr(n.ino, n.mode, 0 if oi.unlinked else 1, n.uid, n.gid, oi.size,
-                        n.atime_ns, oi.mtime_ns, n.ctime_ns, n.backend_id)
+                        n.atime_ns, oi.mtime_ns, n.ctime_ns, n.backend_id,
+                        self.pool.allocated.get(oi.image_id))
         return self.attr(self.get(ino))
 
     def parent_of(self, ino: int) -> int:

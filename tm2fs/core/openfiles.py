@@ -24,6 +24,7 @@ from .. import metrics
 from ..drivers.base import Handle, InlineHandle
 from ..model import Caller, Node, now_ns
 from ..store import Tx
+from .allocation import Allocation
 from .backends import Backends
 from .images import Images
 from .leases import Leases
@@ -51,6 +52,7 @@ class OpenImage:
     observe_write: Callable[[int], None]
     refs: int = 0
     dirty: bool = False  # size or mtime not yet in the pool store
+    unmeasured: bool = False  # written since its allocation was last measured
     unlinked: bool = False  # removed from the namespace while open: data goes at last close
     retired: list[Handle] = field(default_factory=list)  # replaced handles, closed at last close
     closing: trio.Event | None = None  # set once the last close is done with the handle
@@ -90,8 +92,9 @@ class OpenFile:
 
 class OpenFiles:
     def __init__(self, pool: Pool, backends: Backends, namespace: Namespace, leases: Leases,
-                 images: Images) -> None:
+                 images: Images, allocation: Allocation) -> None:
         self.pool = pool
+        self.allocation = allocation
         self.backends = backends
         self.ns = namespace
         self.leases = leases
@@ -231,13 +234,14 @@ class OpenFiles:
         if offset + n > oi.size:
             oi.size = offset + n
         oi.mtime_ns = now_ns()
-        oi.dirty = True
+        oi.dirty = oi.unmeasured = True
         return n
 
     async def flush(self, of: OpenFile) -> None:
         """close(2): the size and times reach the pool store, so whoever opens the image next,
         on any host, sees what was written (close-to-open, as NFS; durability is fsync's)."""
         await self.images.commit_size(of.image)
+        await self.allocation.after_writes(of.image)
 
     async def fsync(self, of: OpenFile) -> None:
         """The data reaches the backend's durable state, then the size is committed and the
@@ -285,6 +289,8 @@ class OpenFiles:
                         await handle.aclose()
             except err.Tm2Error as e:
                 log.error("closing image %d: %s", oi.image_id, e.message)
+            if oi.writable:  # a staging driver has only now pushed its copy back
+                self.pool.unmeasured.add(oi.image_id)
 
     async def _drop_unlinked(self, oi: OpenImage) -> None:
         """Its name went while it was open: the image and its data go with the last close."""

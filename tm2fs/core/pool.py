@@ -53,6 +53,9 @@ class Pool:
         #: entries and images deleted (PostgreSQL never reuses their ids): a late notification
         #: of an older version must not bring them back
         self.gone: dict[tuple[str, int], None] = {}
+        #: image id -> bytes its backend holds, and images to measure again (core/allocation.py)
+        self.allocated: dict[int, int | None] = {}
+        self.unmeasured: set[int] = set()
 
     async def start(self) -> None:
         self.db.start()
@@ -160,6 +163,7 @@ class Pool:
                 continue
             if im is None:
                 self.images.pop(image_id, None)
+                self.allocated.pop(image_id, None)
                 continue
             if remote and self.images.get(image_id) != im and image_id in self.image_ino:
                 self.remote_touched.add(self.image_ino[image_id])
@@ -201,6 +205,7 @@ class Pool:
             self._apply_node(ino, None, kernel)
         for image_id in [i for i in self.images if i not in delta.images]:
             self.images.pop(image_id)
+            self.allocated.pop(image_id, None)
         for bid in [i for i in self.backend_rows if i not in delta.backends]:
             delta.backends[bid] = None
 

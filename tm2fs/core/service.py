@@ -19,6 +19,7 @@ from ..model import DEFAULT_CLUSTER, ROOT, Attr, Caller
 from ..store import PoolStore
 from .actions import Actions, Upload
 from .admin import Admin
+from .allocation import Allocation
 from .backends import Backends
 from .images import Images
 from .leases import Leases
@@ -46,7 +47,9 @@ class Service:
         self.namespace = Namespace(self.pool, self.backends, self.leases, self.mountpoint)
         self.placing = Placing(self.pool, self.backends)
         self.images = Images(self.pool, self.backends, self.namespace, self.leases, self.placing)
-        self.files = OpenFiles(self.pool, self.backends, self.namespace, self.leases, self.images)
+        self.allocation = Allocation(self.pool, self.backends)
+        self.files = OpenFiles(self.pool, self.backends, self.namespace, self.leases, self.images,
+                               self.allocation)
         # the data path's two hot calls, without a facade frame per request
         self.read = self.files.read
         self.write = self.files.write
@@ -133,6 +136,11 @@ class Service:
 
     async def monitor_all(self) -> None:
         await self.backends.monitor_all()
+        self.allocation.sweep()
+
+    async def measure_allocation(self) -> None:
+        """The monitor's tick: images written or changed since last measured (st_blocks)."""
+        await self.allocation.refresh()
 
     # ------------------------------------------------------------------ hosts and leases
 

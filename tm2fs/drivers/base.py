@@ -5,6 +5,8 @@ split theirs. The methods of the protocols below are the checklist.
   the `Handle` that open returns.
 - Optional: `Sized` (size), `Resizable` (resize), `Cloning` (clone; `cheap_clone` says whether it
   shares blocks), `NativeSource` (local_path: where the bytes are on this host).
+- `allocated`: the bytes an image really holds (st_blocks, so `du` and `cp --sparse` see holes);
+  None, the default, when the driver cannot say.
 
 A driver subclasses `Driver`. A core method it leaves out makes the class abstract, so it fails
 when first instantiated, naming what is missing. An optional capability it leaves out answers
@@ -262,6 +264,12 @@ class Driver(Storage, Sized, Resizable, Cloning, NativeSource):
         raise self._unsupported("clone")
 
     def local_path(self, key: str) -> str | None:
+        return None
+
+    async def allocated(self, key: str) -> int | None:
+        """Bytes the storage holds for the image (holes not counted), None if it cannot say. The
+        core keeps the figure in memory and refreshes it off the data path (core/allocation.py);
+        it is a hint, so a driver may answer at its own granularity (whole RBD objects)."""
         return None
 
 

@@ -175,6 +175,11 @@ class DirDriver(Driver):
                                            limiter=self.limiter)
         return st.st_size
 
+    async def allocated(self, key: str) -> int:
+        st = await trio.to_thread.run_sync(os.stat, self._path(key), abandon_on_cancel=True,
+                                           limiter=self.limiter)
+        return st.st_blocks * 512
+
     async def resize(self, key: str, size: int) -> None:
         def _resize() -> None:
             fd = os.open(self._path(key), os.O_RDWR)

@@ -359,6 +359,14 @@ class LegacyDriver(Driver):
         st = await self._thread(os.stat, self._path(key))
         return st.st_size
 
+    async def allocated(self, key: str) -> int | None:
+        """The image file's blocks where it is on this host; elsewhere no script tells."""
+        check_key(key, "legacy")
+        if not self.local:
+            return None
+        st = await self._thread(os.stat, self._path(key))
+        return st.st_blocks * 512
+
     async def resize(self, key: str, size: int) -> None:
         check_key(key, "legacy")
         self._local_only("resize")

@@ -325,6 +325,9 @@ class MemoryDriver(Driver):
         await _misbehave(self.pool, "size")
         return self._image(key).size
 
+    async def allocated(self, key: str) -> int:
+        return len(self._image(key).blocks) * BLOCK
+
     async def resize(self, key: str, size: int) -> None:
         await _misbehave(self.pool, "resize")
         self.pool.truncate(self._image(key), size)

@@ -149,6 +149,9 @@ class IscsiDriver(Driver):
     async def size(self, key: str) -> int:
         return await self.files.size(self.s.path(key))
 
+    async def allocated(self, key: str) -> int:
+        return await self.files.allocated(self.s.path(key))
+
     async def _set_size(self, key: str, size: int, lun: bool = True) -> None:
         """The image's new size; with `lun`, the target is told (its LUN changes length)."""
         path = self.s.path(key)

@@ -35,6 +35,8 @@ class Files(Protocol):
     async def grow(self, path: str, length: int, size: int) -> None:
         """Backing file extended to `length` bytes; the image's size is still `size`."""
     async def size(self, path: str) -> int: ...
+    async def allocated(self, path: str) -> int:
+        """Bytes the backing file holds (its blocks)."""
     async def copy(self, src: str, dst: str) -> None: ...
     async def usage(self) -> tuple[Capacity, dict[str, int]]:
         """STORE's capacity and {key: exact size} of every image."""
@@ -149,6 +151,10 @@ class LocalFiles:
 
         return await in_thread(self.limiter, _size)
 
+    async def allocated(self, path: str) -> int:
+        st = await in_thread(self.limiter, os.stat, path)
+        return st.st_blocks * 512
+
     async def copy(self, src: str, dst: str) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         await in_thread(self.limiter, lambda: os.close(os.open(dst, flags, 0o600)))
@@ -229,6 +235,11 @@ class RemoteFiles:
         if path not in sizes:
             raise FileNotFoundError(errno.ENOENT, "iscsi driver: no backing file", path)
         return sizes[path]
+
+    async def allocated(self, path: str) -> int:
+        out = await self.runner.run(["stat", "-c", "%b %B", "--", path])
+        blocks, unit = out.split()
+        return int(blocks) * int(unit)
 
     async def _sizes(self, path: str) -> dict[str, int]:
         """{name: size} of the image and its size record, whichever exist."""

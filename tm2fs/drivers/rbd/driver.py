@@ -121,6 +121,27 @@ class RbdDriver(Driver):
 
         return await self._run(_size)
 
+    async def allocated(self, key: str) -> int:
+        """The objects that exist, from the object map (fast-diff): a few reads whatever the
+        image's size, at the granularity of whole objects (4 MiB by default)."""
+        check_key(key)
+
+        def _allocated() -> int:
+            total = 0
+
+            def extent(offset: int, length: int, exists: bool) -> None:
+                nonlocal total
+                if exists:
+                    total += length
+
+            with call(f"open {key}", rbd.Image, self._io(), key, read_only=True) as image:
+                size = call(f"size of {key}", image.size)
+                call(f"usage of {key}", image.diff_iterate, 0, size, None, extent,
+                     whole_object=True)
+            return total
+
+        return await self._run(_allocated)
+
     async def resize(self, key: str, size: int) -> None:
         check_key(key)
 
