@@ -11,10 +11,20 @@ from typing import Any
 
 import click
 
-from .cli_tm2 import Tm2Group
+from .cli_tm2 import Tm2Group, backend_names
 from .client import Client
 from .errors import InvalidArgument
-from .output import apply_filters, console, parse_columns, print_table, table, to_csv, to_json, to_xml
+from .output import (
+    apply_filters,
+    console,
+    parse_columns,
+    print_attributes,
+    print_table,
+    table,
+    to_csv,
+    to_json,
+    to_xml,
+)
 from .template import parse_template
 
 DEFAULT_COLUMNS = ["ID", "NAME", "STATE", "TM", "CAPACITY", "FREE", "USED", "COST", "ROLE", "TAGS",
@@ -113,7 +123,8 @@ def create(template: str | None, **options: Any) -> None:
 
 
 @main.command()
-@click.argument("backends", nargs=-1, required=True)
+@click.argument("backends", nargs=-1, required=True,
+                shell_complete=backend_names)
 @click.option("--force", is_flag=True, help="also delete every image the backend holds")
 def delete(backends: tuple[str, ...], force: bool) -> None:
     """Delete BACKENDS (refused while one holds images, unless --force)."""
@@ -171,7 +182,7 @@ def top(delay: float, columns: str | None, filters: tuple[str, ...], iterations:
 
 
 @main.command()
-@click.argument("backend")
+@click.argument("backend", shell_complete=backend_names)
 @output_options
 def show(backend: str, fmt: str | None) -> None:
     """Show BACKEND's attributes, driver arguments, images and attachments."""
@@ -185,29 +196,27 @@ def show(backend: str, fmt: str | None) -> None:
     if fmt == "csv":
         raise InvalidArgument("show has no CSV form", "use --json or -x")
     click.echo(f"STORAGE BACKEND {data['ID']} INFORMATION")
-    attrs = [{"ATTRIBUTE": k, "VALUE": v} for k, v in data.items()
-             if k not in ("IMAGES", "ATTACHMENTS", "TM_RAW", "ATTRS", "HOSTS")]
-    print_table(attrs, ["ATTRIBUTE", "VALUE"], header=False)
+    print_attributes({k: v for k, v in data.items()
+                      if k not in ("IMAGES", "ATTACHMENTS", "TM_RAW", "ATTRS", "HOSTS")})
     click.echo("TM_RAW")
-    print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data["TM_RAW"].items()],
-                ["ATTRIBUTE", "VALUE"], header=False)
+    print_attributes(data["TM_RAW"])
     if data.get("HOSTS"):
         click.echo("SEEN BY HOSTS")
         print_table([{"HOST": h, "STATE": v} for h, v in data["HOSTS"].items()], ["HOST", "STATE"])
     if data["ATTRS"]:
         click.echo("ATTRIBUTES")
-        print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data["ATTRS"].items()],
-                    ["ATTRIBUTE", "VALUE"], header=False)
+        print_attributes(data["ATTRS"])
     click.echo(f"IMAGES ({len(data['IMAGES'])})")
     if data["IMAGES"]:
-        print_table(data["IMAGES"], ["ID", "PATH", "SIZE", "KEY"])
+        print_table(data["IMAGES"], ["ID", "PATH", "SIZE", "KEY", "CREATED"])
     if data["ATTACHMENTS"]:
         click.echo(f"ATTACHMENTS ({len(data['ATTACHMENTS'])})")
-        print_table(data["ATTACHMENTS"], ["ID", "IMAGE_ID", "HOST", "PATH"])
+        print_table(data["ATTACHMENTS"], ["ID", "IMAGE_ID", "HOST", "PATH", "CREATED"])
 
 
 @main.command()
-@click.argument("backends", nargs=-1, required=True)
+@click.argument("backends", nargs=-1, required=True,
+                shell_complete=backend_names)
 def enable(backends: tuple[str, ...]) -> None:
     """Enable BACKENDS: they are checked at once and accept changes again."""
     for ref in backends:
@@ -215,7 +224,8 @@ def enable(backends: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("backends", nargs=-1, required=True)
+@click.argument("backends", nargs=-1, required=True,
+                shell_complete=backend_names)
 def disable(backends: tuple[str, ...]) -> None:
     """Disable BACKENDS: their images stay readable; changes answer EROFS."""
     for ref in backends:
@@ -223,7 +233,7 @@ def disable(backends: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("backend")
+@click.argument("backend", shell_complete=backend_names)
 @click.argument("template", required=False, type=click.Path(exists=True, dir_okay=False,
                                                            allow_dash=True))
 @click.option("-a", "--append", is_flag=True,
@@ -265,4 +275,4 @@ def hosts(fmt: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="onestoragebackend")
