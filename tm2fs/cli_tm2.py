@@ -151,7 +151,12 @@ def _progress(total: int, label: str) -> tuple[Callable[[int], None], Callable[[
               shell_complete=complete_address)
 @click.argument("path", type=click.Path(dir_okay=False))
 def get(image: str, path: str) -> None:
-    """Copy IMAGE to the local file PATH (sparse, atomic: a temp file renamed into place)."""
+    """Copy IMAGE to the local file PATH (sparse, atomic: a temp file renamed into place).
+
+    \b
+    Example:
+      tm2 get repo:ubuntu.img /var/tmp/ubuntu.img
+    """
     size, chunks = _client().download(image)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tm2-", dir=directory)
@@ -202,7 +207,14 @@ def _file_chunks(f: Any, advance: Callable[[int], None]) -> Iterator[bytes]:
 def push(path: str, image: str, **kwargs: Any) -> None:
     """Copy the local file PATH into a new IMAGE (refuses to overwrite one).
 
-    IMAGE auto:PATH lets placement choose a REPOSITORY backend (see `tm2 place --help`)."""
+    IMAGE auto:PATH lets placement choose a REPOSITORY backend (see `tm2 place --help`).
+    Missing folders of IMAGE are made, as `mkdir -p` would.
+
+    \b
+    Examples:
+      tm2 push ./ubuntu.img repo:ubuntu.img
+      tm2 push ./ubuntu.img auto:base/ubuntu.img
+    """
     size = os.path.getsize(path)
     advance, done = _progress(size, f"push {image}")
     try:
@@ -224,7 +236,13 @@ def clone(src: str, dst: str, **kwargs: Any) -> None:
 
     Inside one backend the driver clones: a reflink or copy-on-write where the storage can, a
     sparse copy otherwise. Across backends the bytes are copied. With auto:IMAGE placement
-    chooses the backend and the chosen BACKEND:IMAGE is printed.
+    chooses the backend and the chosen BACKEND:IMAGE is printed. Missing folders of DST are
+    made, as `mkdir -p` would.
+
+    \b
+    Examples:
+      tm2 clone repo:ubuntu.img ssd1:vm-42/disk.1
+      tm2 clone repo:ubuntu.img auto:vm-42/disk.1 -r 'TAGS @> SSD'
     """
     if ":" not in dst:
         dst = f"{src.partition(':')[0]}:{dst}"
@@ -237,7 +255,12 @@ def clone(src: str, dst: str, **kwargs: Any) -> None:
 @click.argument("image", callback=lambda c, p, v: _check_address(v),
               shell_complete=complete_address)
 def delete(image: str) -> None:
-    """Delete IMAGE (refused while it is attached)."""
+    """Delete IMAGE (refused while it is attached).
+
+    \b
+    Example:
+      tm2 delete ssd1:vm-42/disk.1
+    """
     _client().call("POST", "/v1/images/delete", {"address": image})
 
 
@@ -245,7 +268,12 @@ def delete(image: str) -> None:
 @click.argument("image", callback=lambda c, p, v: _check_address(v),
               shell_complete=complete_address)
 def get_size(image: str) -> None:
-    """Print IMAGE's size in bytes."""
+    """Print IMAGE's size in bytes.
+
+    \b
+    Example:
+      tm2 get-size repo:ubuntu.img
+    """
     click.echo(_client().call("GET", "/v1/images/size", params={"address": image})["size"])
 
 
@@ -261,10 +289,13 @@ SIZE_ARGS = {"ignore_unknown_options": True}
 def allocate(image: str, size: int, **kwargs: Any) -> None:
     """Create IMAGE of SIZE bytes (sparse: it takes space as it is written).
 
-    IMAGE auto:PATH lets placement choose the backend (missing folders of PATH are made) and
-    prints the chosen BACKEND:PATH, e.g.
+    Missing folders of IMAGE are made, as `mkdir -p` would (a transfer manager makes the VM's
+    folder). IMAGE auto:PATH lets placement choose the backend and prints the chosen
+    BACKEND:PATH.
 
     \b
+    Examples:
+      tm2 allocate local:vm-42/disk.0 10G
       tm2 allocate auto:one-42/disk.0 20G -r 'TAGS @> SSD'
     """
     info = _client().call("POST", "/v1/images/allocate",
@@ -317,7 +348,12 @@ def place(size: int, explain: bool, as_json: bool, **kwargs: Any) -> None:
 @click.argument("size", callback=lambda c, p, v: parse_size(v))
 @click.option("--shrink", is_flag=True, help="allow making the image smaller (loses data)")
 def resize(image: str, size: int, shrink: bool) -> None:
-    """Grow IMAGE to SIZE (shrinking needs --shrink)."""
+    """Grow IMAGE to SIZE (shrinking needs --shrink).
+
+    \b
+    Example:
+      tm2 resize ssd1:vm-42/disk.0 20G
+    """
     _client().call("POST", "/v1/images/resize", {"address": image, "size": size,
                                                   "shrink": shrink})
 
@@ -326,7 +362,12 @@ def resize(image: str, size: int, shrink: bool) -> None:
 @click.argument("image", callback=lambda c, p, v: _check_address(v),
               shell_complete=complete_address)
 def read(image: str) -> None:
-    """Write IMAGE's bytes to standard output."""
+    """Write IMAGE's bytes to standard output.
+
+    \b
+    Example:
+      tm2 read repo:ubuntu.img | sha256sum
+    """
     _, chunks = _client().download(image)
     out = sys.stdout.buffer
     for chunk in chunks:
@@ -338,7 +379,12 @@ def read(image: str) -> None:
 @click.argument("image", callback=lambda c, p, v: _check_address(v),
               shell_complete=complete_address)
 def write(image: str) -> None:
-    """Replace IMAGE's bytes with standard input (creating IMAGE if missing)."""
+    """Replace IMAGE's bytes with standard input (creating IMAGE and missing folders if needed).
+
+    \b
+    Example:
+      curl -s https://example.org/ubuntu.img | tm2 write repo:ubuntu.img
+    """
     _client().upload(image, _file_chunks(sys.stdin.buffer, lambda n: None), "write")
 
 
@@ -353,7 +399,15 @@ def _on_mount(client: Client, path: str) -> tuple[str | None, bool]:
               shell_complete=complete_address)
 @click.argument("path")
 def attach(image: str, path: str) -> None:
-    """Link PATH to IMAGE on the mount and record the attachment (counted in NBVM)."""
+    """Link PATH to IMAGE on the mount and record the attachment (counted in NBVM).
+
+    PATH's folder must exist; the link points at IMAGE by its absolute path on the mount, so
+    the image cannot be renamed while attached.
+
+    \b
+    Example:
+      tm2 attach ssd1:vm-42/disk.0 /var/lib/one/datastores/0/42/disk.0
+    """
     client = _client()
     path = os.path.abspath(path)
     mountpoint, inside = _on_mount(client, path)
@@ -381,7 +435,12 @@ def attach(image: str, path: str) -> None:
               shell_complete=complete_address)
 @click.argument("path")
 def detach(image: str, path: str) -> None:
-    """Remove the link at PATH and forget the attachment."""
+    """Remove the link at PATH and forget the attachment.
+
+    \b
+    Example:
+      tm2 detach ssd1:vm-42/disk.0 /var/lib/one/datastores/0/42/disk.0
+    """
     client = _client()
     path = os.path.abspath(path)
     _, inside = _on_mount(client, path)
@@ -413,7 +472,12 @@ def break_lease(image: str, force: bool) -> None:
               shell_complete=complete_address)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def info(image: str, as_json: bool) -> None:
-    """Show IMAGE's attributes and attachments."""
+    """Show IMAGE's attributes and attachments (times as local ISO dates; --json keeps seconds).
+
+    \b
+    Example:
+      tm2 info ssd1:vm-42/disk.0
+    """
     data = _client().call("GET", "/v1/images/info", params={"address": image})
     if as_json:
         click.echo(to_json(data))
