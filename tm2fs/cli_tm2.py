@@ -462,6 +462,10 @@ def break_lease(image: str, force: bool) -> None:
     An image is writable on one host at a time: an open for writing or an attachment takes its
     lease. When that host's daemon is dead (`onestoragebackend hosts` shows it UNREACHABLE after
     10 s without a heartbeat), break the lease and open the image elsewhere.
+
+    \b
+    Example:
+      tm2 break-lease ssd1:vm-42/disk.0
     """
     data = _client().call("POST", "/v1/images/break-lease", {"address": image, "force": force})
     click.echo(f"broke the lease of {image} held by {data['HOLDER']}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 from .. import errors as err
@@ -25,6 +26,8 @@ from .permissions import EXEC, WRITE, check, new_gid, require_attach, sticky
 from .pool import Pool
 
 log = logging.getLogger(__name__)
+
+FOLDER_MODE = 0o755  # folders made on the way to a new image, as `mkdir -p` with umask 022
 
 
 class Namespace:
@@ -147,6 +150,28 @@ class Namespace:
             return ino
 
         return self.attr(self.get(await self.pool.write(work, caller)))
+
+    def folders_in(self, tx: Tx, parent: Node, names: Sequence[str], caller: Caller,
+                   t: int) -> int:
+        """`mkdir -p` inside the transaction that puts something in the last folder: `names`
+        below `parent` (where the caller may write), made where missing as `mkdir` makes them,
+        owned by the caller; one another host made meanwhile is used if the caller may. The last
+        folder's inode."""
+        ino, setgid, gid = parent.ino, parent.mode & stat.S_ISGID, new_gid(caller, parent)
+        for name in names:
+            found = tx.child(ino, name)
+            if found is not None:
+                if not found.is_dir:
+                    raise err.NotADirectory(f"{name} is not a directory")
+                check(caller, found, WRITE | EXEC)
+                ino = found.ino
+                continue
+            made = tx.insert_node(parent=ino, name=name, backend_id=parent.backend_id,
+                                  mode=stat.S_IFDIR | FOLDER_MODE | setgid, uid=caller.uid,
+                                  gid=gid, atime_ns=t, mtime_ns=t, ctime_ns=t)
+            tx.update_node(ino, mtime_ns=t, ctime_ns=t)
+            ino = made
+        return ino
 
     async def rmdir(self, parent: int, name: str, caller: Caller) -> None:
         p, _ = self.dir_for_change(parent, caller)
