@@ -3,6 +3,7 @@ VM folders made by the actions that make images, errors that name the right thin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +188,67 @@ def test_a_failed_image_leaves_no_folder(daemon: Daemon, tmp_path: Path) -> None
             assert not (daemon.mnt / "frozen" / "vm-9").exists(), address
     finally:
         subprocess.run(["chattr", "-i", str(tmp_path / "frozen")], check=True)
+
+
+def attachments(daemon: Daemon, address: str) -> list[str]:
+    return [a["PATH"] for a in json.loads(out(daemon.tm2("info", address, "--json")))["ATTACHMENTS"]]
+
+
+def test_renames_carry_attachment_paths_and_unlinks_are_logged(daemon: Daemon) -> None:
+    local = daemon.mnt / "local"
+    out(daemon.tm2("allocate", "local:images/base", "1M"))
+    out(daemon.tm2("allocate", "local:sys/vm-42/disk.1", "1M"))
+    os.symlink(local / "images" / "base", local / "sys" / "vm-42" / "disk.0")  # absolute
+    os.symlink("disk.1", local / "sys" / "vm-42" / "disk.1.lnk")  # relative, moves with it
+    os.rename(local / "sys" / "vm-42", local / "sys" / "vm-43")  # the VM folder
+    assert attachments(daemon, "local:images/base") == [f"{local}/sys/vm-43/disk.0"]
+    assert attachments(daemon, "local:sys/vm-43/disk.1") == [f"{local}/sys/vm-43/disk.1.lnk"]
+    os.rename(local / "sys", local / "system")  # any folder above
+    assert attachments(daemon, "local:images/base") == [f"{local}/system/vm-43/disk.0"]
+    assert attachments(daemon, "local:system/vm-43/disk.1") == [
+        f"{local}/system/vm-43/disk.1.lnk"]
+    assert (local / "system" / "vm-43" / "disk.1.lnk").stat().st_size == 2**20
+    # a link removed on the mount is a detach, and says so in the log
+    out(daemon.tm2("detach", "local:images/base", str(local / "system" / "vm-43" / "disk.0")))
+    assert attachments(daemon, "local:images/base") == []
+    (local / "system" / "vm-43" / "disk.1.lnk").unlink()
+    assert daemon.backends()["local"]["NBVM"] == 0
+    deadline = time.monotonic() + 30
+    while "disk.1.lnk (its link was removed)" not in daemon.logs():
+        assert time.monotonic() < deadline, daemon.logs()
+        time.sleep(0.1)
+    logs = daemon.logs()
+    assert (f"detached local:images/base from {daemon.host}:{local}/system/vm-43/disk.0 "
+            "(its link was removed)") in logs
+    assert (f"detached local:system/vm-43/disk.1 from {daemon.host}:"
+            f"{local}/system/vm-43/disk.1.lnk (its link was removed)") in logs
+
+
+def test_a_rename_that_would_leave_a_link_dangling_is_refused(daemon: Daemon,
+                                                              tmp_path: Path) -> None:
+    local = daemon.mnt / "local"
+    out(daemon.tm2("allocate", "local:images/a", "1M"))
+    out(daemon.tm2("allocate", "local:images/b", "1M"))
+    vm = tmp_path / "datastores" / "0" / "42"
+    vm.mkdir(parents=True)
+    out(daemon.tm2("attach", "local:images/a", str(vm / "disk.0")))  # absolute, off the mount
+    (local / "vm-7").mkdir()
+    os.symlink(local / "images" / "b", local / "vm-7" / "disk.0")  # absolute, on the mount
+    for src, dst in [(local / "images" / "a", local / "images" / "a2"),
+                     (local / "images" / "b", local / "images" / "b2"),
+                     (local / "images", local / "imgs")]:
+        with pytest.raises(OSError) as e:
+            os.rename(src, dst)
+        assert e.value.errno == errno.EBUSY, (src, dst)
+        assert src.exists() and not dst.exists()
+    refused = daemon.backend_cli("update", "local", "--name", "renamed")
+    assert refused.returncode == 1 and b"detach it first" in refused.stderr, refused.stderr
+    assert (vm / "disk.0").stat().st_size == 2**20  # the VM's disk still resolves
+    assert daemon.backends()["local"]["NBVM"] == 2
+    # detached, the image moves
+    out(daemon.tm2("detach", "local:images/a", str(vm / "disk.0")))
+    os.rename(local / "images" / "a", local / "images" / "a2")
+    (local / "vm-7" / "disk.0").unlink()
+    os.rename(local / "images", local / "imgs")
+    out(daemon.backend_cli("update", "local", "--name", "renamed"))
+    assert (daemon.mnt / "renamed" / "imgs" / "a2").exists()

@@ -17,9 +17,10 @@ from typing import Any
 
 from .. import errors as err
 from ..drivers.base import Capacity
-from ..model import ROOT_INO, Attr, Backend, Caller, Node, now_ns
+from ..model import ROOT_INO, Attachment, Attr, Backend, Caller, Node, now_ns
 from ..names import check_name
 from ..store import Tx
+from . import links
 from .backends import Backends
 from .leases import Leases
 from .permissions import EXEC, WRITE, check, new_gid, require_attach, sticky
@@ -199,7 +200,7 @@ class Namespace:
             raise err.IsADirectory(f"{name} is a directory", "use rmdir")
         sticky(caller, p, n)
         t = now_ns()
-        removal = self._removal(n, name, caller)
+        removal, gone = self._removal(n, name, caller)
 
         def work(tx: Tx) -> str | None:
             key = removal(tx)
@@ -209,16 +210,19 @@ class Namespace:
 
         key = await self.pool.write(work, caller)
         await self._after_removal(n, b, key)
+        self._log_detached(gone)
 
-    def _removal(self, n: Node, name: str, caller: Caller) -> Any:
+    def _removal(self, n: Node, name: str, caller: Caller) -> tuple[Any, list[Attachment]]:
         """What removing entry `n` does in its transaction (its image and its attachment, if it
-        is a link); returns the key whose data must go after the commit. Open images keep their
-        rows until their last close."""
+        is a link); returns the key whose data must go after the commit, and fills the list of
+        attachments it ended. Open images keep their rows until their last close."""
         image_id = n.image_id
         is_open = image_id is not None and image_id in self.pool.open
         writing = set(self.leases.writers)
+        gone: list[Attachment] = []
 
         def remove(tx: Tx) -> str | None:
+            gone.clear()  # a transaction run again starts afresh
             key = None
             if image_id is not None:
                 self._check_detached(tx, image_id, name, caller)
@@ -229,12 +233,20 @@ class Namespace:
                     tx.delete_image(image_id)
             link = tx.attachment_by_link(n.ino)
             if link:
+                gone.append(link)
                 tx.delete_attachment(link.id)
                 self.leases.drop_attachment_lease_in(tx, link.image_id, link.host,
                                                      link.image_id in writing)
             return key
 
-        return remove
+        return remove, gone
+
+    def _log_detached(self, gone: list[Attachment]) -> None:
+        """A link removed on the mount is a detach: logged as `tm2 detach` logs one."""
+        for a in gone:
+            ino = self.pool.image_ino.get(a.image_id)
+            image = self.pool.path(ino).replace("/", ":", 1) if ino else f"image {a.image_id}"
+            log.info("detached %s from %s:%s (its link was removed)", image, a.host, a.path)
 
     async def _after_removal(self, n: Node, b: Backend, key: str | None) -> None:
         """After the commit: the data goes, or the open image is marked to drop it at close."""
@@ -278,7 +290,7 @@ class Namespace:
         old = self.pool.child(new_parent, new_name)
         if old is not None and old.ino == n.ino:
             return  # rename onto itself
-        removal = None
+        removal, gone = None, list[Attachment]()
         if old is not None:
             if noreplace:
                 raise err.Exists(f"{new_name} exists")
@@ -288,10 +300,8 @@ class Namespace:
                     f"{new_name}: cannot replace a {'directory' if old.is_dir else 'file'}")
             if old.is_dir and self.pool.has_children(old.ino):
                 raise err.NotEmpty(f"{new_name} is not empty")
-            removal = self._removal(old, new_name, caller)
+            removal, gone = self._removal(old, new_name, caller)
         t = now_ns()
-        link_path = (self.mount_path(new_parent) + "/" + new_name
-                     if self.mountpoint else f"{self.pool.path(new_parent)}/{new_name}")
 
         def work(tx: Tx) -> str | None:
             key = None
@@ -300,18 +310,20 @@ class Namespace:
                     raise err.NotEmpty(f"{new_name} is not empty")
                 key = removal(tx)
                 tx.delete_node(old.ino)
+            # attachments below follow (recorded paths) or refuse (links left dangling)
+            move = links.Move(links.path_in(tx, n.ino),
+                              f"{links.path_in(tx, new_parent)}/{new_name}", self.mountpoint)
+            links.follow_rename(tx, tx.node(n.ino) or n, move)
             tx.update_node(n.ino, parent=new_parent, name=new_name, ctime_ns=t)
             tx.update_node(parent, mtime_ns=t, ctime_ns=t)
             if new_parent != parent:
                 tx.update_node(new_parent, mtime_ns=t, ctime_ns=t)
-            link = tx.attachment_by_link(n.ino)
-            if link:  # the attachment's recorded path follows its link
-                tx.set_attachment_path(link.id, link_path)
             return key
 
         key = await self.pool.write(work, caller)
         if old is not None:
             await self._after_removal(old, nb, key)
+            self._log_detached(gone)
 
     async def symlink(self, parent: int, name: str, target: str, caller: Caller) -> Attr:
         """A symlink to an image on the mount is an attachment: it counts in NBVM until removed."""
