@@ -252,3 +252,30 @@ def test_a_rename_that_would_leave_a_link_dangling_is_refused(daemon: Daemon,
     os.rename(local / "images", local / "imgs")
     out(daemon.backend_cli("update", "local", "--name", "renamed"))
     assert (daemon.mnt / "renamed" / "imgs" / "a2").exists()
+
+
+def wait_until(check, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_df_counts_a_shared_filesystem_once(daemon: Daemon, tmp_path: Path) -> None:
+    """Four backends on one disk are one disk's worth of space; CAPACITY caps still apply."""
+    disk = os.statvfs(tmp_path)
+    size = disk.f_blocks * disk.f_frsize
+    for name in ("a", "b", "c"):
+        out(daemon.backend_cli("create", "--name", name, "--tm", "dir", "--tm-raw",
+                               f"PATH={tmp_path}/{name}"))
+
+    def df() -> int:
+        st = os.statvfs(daemon.mnt)
+        return st.f_blocks * st.f_frsize
+
+    wait_until(lambda: all(b["CAPACITY"] for b in daemon.backends().values()), "monitored")
+    wait_until(lambda: df() == size // 4096 * 4096, f"df shows {df()}, the disk is {size}")
+    assert os.statvfs(daemon.mnt).f_bavail * 4096 <= disk.f_bavail * disk.f_frsize + 2**30
+    for name, cap in (("local", "1G"), ("a", "2G"), ("b", "3G"), ("c", "4G")):
+        out(daemon.backend_cli("update", name, "--capacity", cap))
+    wait_until(lambda: df() == 10 * 2**30, f"df shows {df()}, the caps add up to 10G")

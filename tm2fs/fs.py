@@ -20,7 +20,8 @@ each open starts with a clean page cache, so data written through the API (`tm2 
 not pass through the kernel) shows on the next open; a file held open is invalidated explicitly.
 
 statfs: pyfuse3 does not pass the inode to `statfs`, so `df` anywhere on the mount shows the whole
-pool (the sum over backends with a known size); per-backend figures are `onestoragebackend list`'s.
+pool (the sum over backends with a known size, a filesystem or Ceph pool several backends share
+counted once); per-backend figures are `onestoragebackend list`'s.
 """
 
 from __future__ import annotations

@@ -94,14 +94,13 @@ class Namespace:
         return n.target
 
     def statfs(self, ino: int) -> Capacity:
-        """A backend directory shows its backend's capacity; the top level the pool's sum."""
+        """A backend directory shows its backend's capacity; the top level the pool's, each
+        underlying storage counted once."""
         n = self.get(ino)
         if n.backend_id is not None:
             b = self.backends.get(n.backend_id)
             return Capacity(b.total, b.free, b.used)
-        known = [b for b in self.backends.by_id.values() if b.total is not None]
-        return Capacity(sum(b.total or 0 for b in known), sum(b.free or 0 for b in known),
-                        sum(b.used or 0 for b in known))
+        return self.backends.pooled()
 
     def mount_path(self, ino: int) -> str:
         rel = self.pool.path(ino)
