@@ -224,8 +224,10 @@ def test_renames_carry_attachment_paths_and_unlinks_are_logged(daemon: Daemon) -
             f"{local}/system/vm-43/disk.1.lnk (its link was removed)") in logs
 
 
-def test_a_rename_that_would_leave_a_link_dangling_is_refused(daemon: Daemon,
-                                                              tmp_path: Path) -> None:
+def test_a_rename_never_leaves_a_dangling_link_counted(daemon: Daemon, tmp_path: Path) -> None:
+    """`tm2 attach`'s link (outside the mount, by absolute path) keeps its image in place:
+    EBUSY, as `rm` refuses it. On the mount POSIX wins: the image moves, and the attachment of a
+    link that no longer reaches it ends (NBVM stops counting it), as removing the link would."""
     local = daemon.mnt / "local"
     out(daemon.tm2("allocate", "local:images/a", "1M"))
     out(daemon.tm2("allocate", "local:images/b", "1M"))
@@ -234,25 +236,32 @@ def test_a_rename_that_would_leave_a_link_dangling_is_refused(daemon: Daemon,
     out(daemon.tm2("attach", "local:images/a", str(vm / "disk.0")))  # absolute, off the mount
     (local / "vm-7").mkdir()
     os.symlink(local / "images" / "b", local / "vm-7" / "disk.0")  # absolute, on the mount
+    assert daemon.backends()["local"]["NBVM"] == 2
     for src, dst in [(local / "images" / "a", local / "images" / "a2"),
-                     (local / "images" / "b", local / "images" / "b2"),
                      (local / "images", local / "imgs")]:
         with pytest.raises(OSError) as e:
             os.rename(src, dst)
         assert e.value.errno == errno.EBUSY, (src, dst)
         assert src.exists() and not dst.exists()
+    assert (vm / "disk.0").stat().st_size == 2**20  # the VM's disk still resolves
     refused = daemon.backend_cli("update", "local", "--name", "renamed")
     assert refused.returncode == 1 and b"detach it first" in refused.stderr, refused.stderr
-    assert (vm / "disk.0").stat().st_size == 2**20  # the VM's disk still resolves
-    assert daemon.backends()["local"]["NBVM"] == 2
-    # detached, the image moves
+
+    os.rename(local / "images" / "b", local / "images" / "b2")
+    assert not (local / "vm-7" / "disk.0").exists()  # dangling now, and no longer counted
+    assert daemon.backends()["local"]["NBVM"] == 1
+    assert attachments(daemon, "local:images/b2") == []
+    wait_until(lambda: "(the rename left its link dangling)" in daemon.logs(), "logged")
+    assert (f"detached local:images/b2 from {daemon.host}:{local}/vm-7/disk.0 "
+            "(the rename left its link dangling)") in daemon.logs()
+    # detached, the image moves, and so may the backend
     out(daemon.tm2("detach", "local:images/a", str(vm / "disk.0")))
     os.rename(local / "images" / "a", local / "images" / "a2")
-    (local / "vm-7" / "disk.0").unlink()
     os.rename(local / "images", local / "imgs")
+    os.symlink("../imgs/a2", local / "vm-7" / "disk.1")  # relative, on the mount
     out(daemon.backend_cli("update", "local", "--name", "renamed"))
-    assert (daemon.mnt / "renamed" / "imgs" / "a2").exists()
-
+    assert attachments(daemon, "renamed:imgs/a2") == [f"{daemon.mnt}/renamed/vm-7/disk.1"]
+    assert (daemon.mnt / "renamed" / "vm-7" / "disk.1").stat().st_size == 2**20
 
 def wait_until(check, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout

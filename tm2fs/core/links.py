@@ -1,15 +1,18 @@
-"""What a rename on the mount does to attachments, in the rename's own transaction.
+"""What a rename does to attachments, in the rename's own transaction.
 
 A VM's disk is a link to an image, and libvirt and OpenNebula open the disk by that link's path
-for as long as the VM lives (a restart, a migration, a snapshot open it again). So:
+for as long as the VM lives (a restart, a migration, a snapshot open it again). As `rm` does
+(namespace.py), the rules part where the link is:
 
 - an attachment's recorded path follows its link when the link, or any folder above it, is
-  renamed (`tm2 info` and `tm2 detach` keep naming the link where it is);
-- a rename that would leave an attached link dangling while NBVM still counts it is refused with
-  EBUSY: an image attached by `tm2 attach` (its link, outside the mount, names the image by its
-  absolute path) or by a link on the mount that would no longer reach it. Detach first. A folder
-  holding both a disk and a relative link to it moves freely; an absolute link to an image that
-  stays where it is moves freely too.
+  renamed (`tm2 info` keeps naming the link where it is);
+- an image attached by `tm2 attach` (its link, outside the mount, names the image by its absolute
+  path) is not moved: EBUSY, detach first, as `rm` refuses it;
+- on the mount POSIX wins (old transfer-manager scripts `mv` a linked image, then link it
+  again): a rename that leaves a link there no longer reaching its image ends that attachment
+  (NBVM stops counting a dangling link), as removing the link would. A folder holding a disk and
+  a relative link to it, or an absolute link to an image that stays, moves with its attachment.
+- A backend renamed (an admin's act, not a `mv`) refuses any attachment it would end.
 """
 
 from __future__ import annotations
@@ -57,9 +60,12 @@ def path_in(tx: Tx, ino: int) -> str:
     return "/".join(reversed(parts))
 
 
-def follow(tx: Tx, move: Move, attached: list[Attachment], images: dict[int, int]) -> None:
+def follow(tx: Tx, move: Move, attached: list[Attachment], images: dict[int, int],
+           posix: bool = True) -> list[Attachment]:
     """Check and update the attachments a move touches (before the move is written): those of
-    the moved images (`images`: image id -> inode) and of the moved links."""
+    the moved images (`images`: image id -> inode) and of the moved links. The attachments of
+    links on the mount the move leaves dangling (`posix`), for the caller to end; else EBUSY."""
+    ending: list[Attachment] = []
     for a in attached:
         ino = images.get(a.image_id)
         if ino is None:
@@ -77,14 +83,16 @@ def follow(tx: Tx, move: Move, attached: list[Attachment], images: dict[int, int
             continue
         where = path_in(tx, link.ino)
         if move.reaches(link.target, move.moved(where)) != move.moved(image):
-            raise err.Busy(f"the link {a.path} to {image} would dangle after the rename",
-                           "remove the link first (that detaches it), or link by a relative "
-                           "path that moves with the image")
-        if move.moved(where) != where and a.path.endswith("/" + where):
+            if not posix:
+                raise err.Busy(f"the link {a.path} to {image} would dangle after the rename",
+                               "remove the link first (that detaches it)")
+            ending.append(a)
+        elif move.moved(where) != where and a.path.endswith("/" + where):
             tx.set_attachment_path(a.id, a.path[:-len(where)] + move.moved(where))
+    return ending
 
 
-def follow_rename(tx: Tx, top: Node, move: Move) -> None:
+def follow_rename(tx: Tx, top: Node, move: Move) -> list[Attachment]:
     """A rename of `top` on the mount: its subtree's images and links, then `follow`."""
     images: dict[int, int] = {}
     attached: dict[int, Attachment] = {}
@@ -98,9 +106,9 @@ def follow_rename(tx: Tx, top: Node, move: Move) -> None:
             attached[a.id] = a
         if n.is_dir:
             todo.extend(tx.children(n.ino))
-    follow(tx, move, list(attached.values()), images)
+    return follow(tx, move, list(attached.values()), images)
 
 
 def follow_backend_rename(tx: Tx, backend_id: int, move: Move) -> None:
     """A backend renamed: every path in it moves (its attachments read at once)."""
-    follow(tx, move, tx.attachments(backend_id=backend_id), {})
+    follow(tx, move, tx.attachments(backend_id=backend_id), {}, posix=False)

@@ -240,12 +240,13 @@ class Namespace:
 
         return remove, gone
 
-    def _log_detached(self, gone: list[Attachment]) -> None:
-        """A link removed on the mount is a detach: logged as `tm2 detach` logs one."""
+    def _log_detached(self, gone: list[Attachment], why: str = "its link was removed") -> None:
+        """A link removed (or left dangling) on the mount is a detach: logged as `tm2 detach`
+        logs one."""
         for a in gone:
             ino = self.pool.image_ino.get(a.image_id)
             image = self.pool.path(ino).replace("/", ":", 1) if ino else f"image {a.image_id}"
-            log.info("detached %s from %s:%s (its link was removed)", image, a.host, a.path)
+            log.info("detached %s from %s:%s (%s)", image, a.host, a.path, why)
 
     async def _after_removal(self, n: Node, b: Backend, key: str | None) -> None:
         """After the commit: the data goes, or the open image is marked to drop it at close."""
@@ -301,9 +302,12 @@ class Namespace:
                 raise err.NotEmpty(f"{new_name} is not empty")
             removal, gone = self._removal(old, new_name, caller)
         t = now_ns()
+        writing = set(self.leases.writers)
+        ended: list[Attachment] = []
 
         def work(tx: Tx) -> str | None:
             key = None
+            ended.clear()
             if old is not None and removal is not None:
                 if old.is_dir and tx.has_children(old.ino):
                     raise err.NotEmpty(f"{new_name} is not empty")
@@ -312,7 +316,11 @@ class Namespace:
             # attachments below follow (recorded paths) or refuse (links left dangling)
             move = links.Move(links.path_in(tx, n.ino),
                               f"{links.path_in(tx, new_parent)}/{new_name}", self.mountpoint)
-            links.follow_rename(tx, tx.node(n.ino) or n, move)
+            for a in links.follow_rename(tx, tx.node(n.ino) or n, move):
+                tx.delete_attachment(a.id)  # its link no longer reaches the image
+                self.leases.drop_attachment_lease_in(tx, a.image_id, a.host,
+                                                     a.image_id in writing)
+                ended.append(a)
             tx.update_node(n.ino, parent=new_parent, name=new_name, ctime_ns=t)
             tx.update_node(parent, mtime_ns=t, ctime_ns=t)
             if new_parent != parent:
@@ -320,6 +328,7 @@ class Namespace:
             return key
 
         key = await self.pool.write(work, caller)
+        self._log_detached(ended, "the rename left its link dangling")
         if old is not None:
             await self._after_removal(old, nb, key)
             self._log_detached(gone)
