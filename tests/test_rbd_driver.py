@@ -157,8 +157,12 @@ async def test_unreachable_monitor_fails_within_the_timeout(tmp_path: Path) -> N
 
 
 async def test_monitor_figures(driver: RbdDriver, ceph_cluster: CephCluster) -> None:
-    """The pool's share of the cluster; a quota is the total."""
-    assert (await driver.monitor()).total <= ceph_cluster.osd_bytes
+    """The pool's share of the cluster; a quota is the total; the cluster and pool are the
+    storage (backends on one pool count it once in `df` on the mount)."""
+    cap = await driver.monitor()
+    assert cap.total <= ceph_cluster.osd_bytes
+    fsid = driver.cluster.get_fsid()
+    assert len(fsid) == 36 and cap.storage == f"ceph:{fsid}:{ceph_cluster.pool}"
     ceph_cluster.ceph("osd", "pool", "set-quota", ceph_cluster.pool, "max_bytes", str(GIB))
     try:
         cap = await driver.monitor()

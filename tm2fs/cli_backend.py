@@ -11,10 +11,20 @@ from typing import Any
 
 import click
 
-from .cli_tm2 import Tm2Group
+from .cli_tm2 import Tm2Group, backend_names
 from .client import Client
 from .errors import InvalidArgument
-from .output import apply_filters, console, parse_columns, print_table, table, to_csv, to_json, to_xml
+from .output import (
+    apply_filters,
+    console,
+    parse_columns,
+    print_attributes,
+    print_table,
+    table,
+    to_csv,
+    to_json,
+    to_xml,
+)
 from .template import parse_template
 
 DEFAULT_COLUMNS = ["ID", "NAME", "STATE", "TM", "CAPACITY", "FREE", "USED", "COST", "ROLE", "CLUSTER",
@@ -113,10 +123,17 @@ def create(template: str | None, **options: Any) -> None:
 
 
 @main.command()
-@click.argument("backends", nargs=-1, required=True)
+@click.argument("backends", nargs=-1, required=True,
+                shell_complete=backend_names)
 @click.option("--force", is_flag=True, help="also delete every image the backend holds")
 def delete(backends: tuple[str, ...], force: bool) -> None:
-    """Delete BACKENDS (refused while one holds images, unless --force)."""
+    """Delete BACKENDS (refused while one holds images, unless --force).
+
+    \b
+    Examples:
+      onestoragebackend delete ssd1
+      onestoragebackend delete 3 4 --force
+    """
     for ref in backends:
         _client().call("DELETE", f"/v1/backends/{ref}", params={"force": "1" if force else "0"})
 
@@ -133,7 +150,13 @@ def _rows(filters: tuple[str, ...]) -> list[dict[str, Any]]:
 @click.option("--no-header", is_flag=True, help="omit the header line")
 @output_options
 def list_(columns: str | None, filters: tuple[str, ...], no_header: bool, fmt: str | None) -> None:
-    """List the backends."""
+    """List the backends.
+
+    \b
+    Examples:
+      onestoragebackend list -l ID,NAME,STATE,FREE -f TAGS~SSD
+      onestoragebackend list --csv --no-header -f STATE!=READY
+    """
     rows = _rows(filters)
     cols = parse_columns(columns, DEFAULT_COLUMNS, ALL_COLUMNS)
     if fmt == "json":
@@ -153,7 +176,12 @@ def list_(columns: str | None, filters: tuple[str, ...], no_header: bool, fmt: s
 @click.option("-f", "--filter", "filters", multiple=True, metavar="FILTER", help="as for list")
 @click.option("--iterations", type=int, default=0, hidden=True, help="stop after N refreshes")
 def top(delay: float, columns: str | None, filters: tuple[str, ...], iterations: int) -> None:
-    """Show the backends, refreshed every DELAY seconds (Ctrl-C quits)."""
+    """Show the backends, refreshed every DELAY seconds (Ctrl-C quits).
+
+    \b
+    Example:
+      onestoragebackend top -d 5 -f ROLE=SAN
+    """
     from rich.live import Live
 
     cols = parse_columns(columns, DEFAULT_COLUMNS, ALL_COLUMNS)
@@ -171,10 +199,16 @@ def top(delay: float, columns: str | None, filters: tuple[str, ...], iterations:
 
 
 @main.command()
-@click.argument("backend")
+@click.argument("backend", shell_complete=backend_names)
 @output_options
 def show(backend: str, fmt: str | None) -> None:
-    """Show BACKEND's attributes, driver arguments, images and attachments."""
+    """Show BACKEND's attributes, driver arguments, images and attachments.
+
+    \b
+    Examples:
+      onestoragebackend show ssd1
+      onestoragebackend show 3 --json
+    """
     data = _client().call("GET", f"/v1/backends/{backend}")
     if fmt == "json":
         click.echo(to_json(data))
@@ -185,45 +219,54 @@ def show(backend: str, fmt: str | None) -> None:
     if fmt == "csv":
         raise InvalidArgument("show has no CSV form", "use --json or -x")
     click.echo(f"STORAGE BACKEND {data['ID']} INFORMATION")
-    attrs = [{"ATTRIBUTE": k, "VALUE": v} for k, v in data.items()
-             if k not in ("IMAGES", "ATTACHMENTS", "TM_RAW", "ATTRS", "HOSTS")]
-    print_table(attrs, ["ATTRIBUTE", "VALUE"], header=False)
+    print_attributes({k: v for k, v in data.items()
+                      if k not in ("IMAGES", "ATTACHMENTS", "TM_RAW", "ATTRS", "HOSTS")})
     click.echo("TM_RAW")
-    print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data["TM_RAW"].items()],
-                ["ATTRIBUTE", "VALUE"], header=False)
+    print_attributes(data["TM_RAW"])
     if data.get("HOSTS"):
         click.echo("SEEN BY HOSTS")
         print_table([{"HOST": h, "STATE": v} for h, v in data["HOSTS"].items()], ["HOST", "STATE"])
     if data["ATTRS"]:
         click.echo("ATTRIBUTES")
-        print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data["ATTRS"].items()],
-                    ["ATTRIBUTE", "VALUE"], header=False)
+        print_attributes(data["ATTRS"])
     click.echo(f"IMAGES ({len(data['IMAGES'])})")
     if data["IMAGES"]:
-        print_table(data["IMAGES"], ["ID", "PATH", "SIZE", "KEY"])
+        print_table(data["IMAGES"], ["ID", "PATH", "SIZE", "KEY", "CREATED"])
     if data["ATTACHMENTS"]:
         click.echo(f"ATTACHMENTS ({len(data['ATTACHMENTS'])})")
-        print_table(data["ATTACHMENTS"], ["ID", "IMAGE_ID", "HOST", "PATH"])
+        print_table(data["ATTACHMENTS"], ["ID", "IMAGE_ID", "HOST", "PATH", "CREATED"])
 
 
 @main.command()
-@click.argument("backends", nargs=-1, required=True)
+@click.argument("backends", nargs=-1, required=True,
+                shell_complete=backend_names)
 def enable(backends: tuple[str, ...]) -> None:
-    """Enable BACKENDS: they are checked at once and accept changes again."""
+    """Enable BACKENDS: they are checked at once and accept changes again.
+
+    \b
+    Example:
+      onestoragebackend enable ssd1
+    """
     for ref in backends:
         _client().call("POST", f"/v1/backends/{ref}/enable")
 
 
 @main.command()
-@click.argument("backends", nargs=-1, required=True)
+@click.argument("backends", nargs=-1, required=True,
+                shell_complete=backend_names)
 def disable(backends: tuple[str, ...]) -> None:
-    """Disable BACKENDS: their images stay readable; changes answer EROFS."""
+    """Disable BACKENDS: their images stay readable; changes answer EROFS.
+
+    \b
+    Example:
+      onestoragebackend disable ssd1
+    """
     for ref in backends:
         _client().call("POST", f"/v1/backends/{ref}/disable")
 
 
 @main.command()
-@click.argument("backend")
+@click.argument("backend", shell_complete=backend_names)
 @click.argument("template", required=False, type=click.Path(exists=True, dir_okay=False,
                                                            allow_dash=True))
 @click.option("-a", "--append", is_flag=True,
@@ -235,6 +278,11 @@ def update(backend: str, template: str | None, append: bool, **options: Any) -> 
     Attributes named are set and the others kept (as `onedatastore update --append`); an empty
     value removes a custom attribute (DISK_TYPE=""). TM cannot change. A new NAME renames the
     directory on the mount.
+
+    \b
+    Examples:
+      onestoragebackend update ssd1 --cost 12 --tags SSD,NVME
+      onestoragebackend update ssd1 changes.tpl
     """
     spec = _template(template, options)
     if not spec:
@@ -250,6 +298,10 @@ def hosts(fmt: str | None) -> None:
 
     A host whose heartbeat is older than 10 s is UNREACHABLE; its write leases may then be
     broken with `tm2 break-lease`. BACKENDS is each host's own monitor's view.
+
+    \b
+    Example:
+      onestoragebackend hosts
     """
     rows = _client().call("GET", "/v1/hosts")
     if fmt == "json":
@@ -270,4 +322,4 @@ def hosts(fmt: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="onestoragebackend")

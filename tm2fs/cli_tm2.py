@@ -18,7 +18,7 @@ import click
 from .client import Client
 from .errors import Tm2Error
 from .names import parse_address
-from .output import print_table, to_json
+from .output import print_attributes, print_table, to_json
 from .sizes import parse_size
 
 PROGRESS_MIN = 64 * 2**20  # smaller copies finish before a bar is worth drawing
@@ -26,11 +26,15 @@ CHUNK = 4 * 2**20
 
 
 class Tm2Group(click.Group):
-    """Turns service errors into one line and exit status 1."""
+    """Turns service errors into one line and exit status 1; a reader gone from the other end
+    of stdout (`| head`) ends the command quietly, as `cat` would."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            quiet_stdout()
+            ctx.exit(1)
         except Tm2Error as e:
             click.echo(f"{self.name}: ERROR: {e.message}", err=True)
             if e.hint:
@@ -40,6 +44,14 @@ class Tm2Group(click.Group):
             click.echo(f"{self.name}: ERROR: {e.strerror or e}"
                        + (f": {e.filename}" if e.filename else ""), err=True)
             ctx.exit(1)
+
+
+def quiet_stdout() -> None:
+    """stdout's reader is gone: what is still buffered goes nowhere instead of raising again
+    when Python flushes at exit (as Python's documentation on SIGPIPE advises)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group("tm2", cls=Tm2Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +77,25 @@ def main(ctx: click.Context, socket: str | None) -> None:
 
 def _client() -> Client:
     return click.get_current_context().obj
+
+
+def backend_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of backend names, asked of the daemon (none if it cannot be reached)."""
+    client = Client(ctx.find_root().params.get("socket"), timeout=2)
+    try:
+        rows = client.call("GET", "/v1/backends")
+    except (Tm2Error, OSError):
+        return []
+    finally:
+        client.close()
+    return [r["NAME"] for r in rows if r["NAME"].startswith(incomplete)]
+
+
+def complete_address(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """BACKEND: of a BACKEND:IMAGE address (the image part is the user's to type)."""
+    if ":" in incomplete:
+        return []
+    return [f"{name}:" for name in backend_names(ctx, param, incomplete)]
 
 
 def _check_address(address: str) -> str:
@@ -118,10 +149,16 @@ def _progress(total: int, label: str) -> tuple[Callable[[int], None], Callable[[
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.argument("path", type=click.Path(dir_okay=False))
 def get(image: str, path: str) -> None:
-    """Copy IMAGE to the local file PATH (sparse, atomic: a temp file renamed into place)."""
+    """Copy IMAGE to the local file PATH (sparse, atomic: a temp file renamed into place).
+
+    \b
+    Example:
+      tm2 get repo:ubuntu.img /var/tmp/ubuntu.img
+    """
     size, chunks = _client().download(image)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tm2-", dir=directory)
@@ -166,12 +203,20 @@ def _file_chunks(f: Any, advance: Callable[[int], None]) -> Iterator[bytes]:
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @placement_options
 def push(path: str, image: str, **kwargs: Any) -> None:
     """Copy the local file PATH into a new IMAGE (refuses to overwrite one).
 
-    IMAGE auto:PATH lets placement choose a REPOSITORY backend (see `tm2 place --help`)."""
+    IMAGE auto:PATH lets placement choose a REPOSITORY backend (see `tm2 place --help`).
+    Missing folders of IMAGE are made, as `mkdir -p` would.
+
+    \b
+    Examples:
+      tm2 push ./ubuntu.img repo:ubuntu.img
+      tm2 push ./ubuntu.img auto:base/ubuntu.img
+    """
     size = os.path.getsize(path)
     advance, done = _progress(size, f"push {image}")
     try:
@@ -184,15 +229,22 @@ def push(path: str, image: str, **kwargs: Any) -> None:
 
 
 @main.command()
-@click.argument("src", callback=lambda c, p, v: _check_address(v))
-@click.argument("dst")
+@click.argument("src", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
+@click.argument("dst", shell_complete=complete_address)
 @placement_options
 def clone(src: str, dst: str, **kwargs: Any) -> None:
     """Clone SRC to DST (BACKEND:IMAGE, a bare IMAGE in SRC's backend, or auto:IMAGE).
 
     Inside one backend the driver clones: a reflink or copy-on-write where the storage can, a
     sparse copy otherwise. Across backends the bytes are copied. With auto:IMAGE placement
-    chooses the backend and the chosen BACKEND:IMAGE is printed.
+    chooses the backend and the chosen BACKEND:IMAGE is printed. Missing folders of DST are
+    made, as `mkdir -p` would.
+
+    \b
+    Examples:
+      tm2 clone repo:ubuntu.img ssd1:vm-42/disk.1
+      tm2 clone repo:ubuntu.img auto:vm-42/disk.1 -r 'TAGS @> SSD'
     """
     if ":" not in dst:
         dst = f"{src.partition(':')[0]}:{dst}"
@@ -202,16 +254,28 @@ def clone(src: str, dst: str, **kwargs: Any) -> None:
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 def delete(image: str) -> None:
-    """Delete IMAGE (refused while it is attached)."""
+    """Delete IMAGE (refused while it is attached).
+
+    \b
+    Example:
+      tm2 delete ssd1:vm-42/disk.1
+    """
     _client().call("POST", "/v1/images/delete", {"address": image})
 
 
 @main.command("get-size")
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 def get_size(image: str) -> None:
-    """Print IMAGE's size in bytes."""
+    """Print IMAGE's size in bytes.
+
+    \b
+    Example:
+      tm2 get-size repo:ubuntu.img
+    """
     click.echo(_client().call("GET", "/v1/images/size", params={"address": image})["size"])
 
 
@@ -220,16 +284,20 @@ SIZE_ARGS = {"ignore_unknown_options": True}
 
 
 @main.command(context_settings=SIZE_ARGS)
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.argument("size", callback=lambda c, p, v: parse_size(v))
 @placement_options
 def allocate(image: str, size: int, **kwargs: Any) -> None:
     """Create IMAGE of SIZE bytes (sparse: it takes space as it is written).
 
-    IMAGE auto:PATH lets placement choose the backend (missing folders of PATH are made) and
-    prints the chosen BACKEND:PATH, e.g.
+    Missing folders of IMAGE are made, as `mkdir -p` would (a transfer manager makes the VM's
+    folder). IMAGE auto:PATH lets placement choose the backend and prints the chosen
+    BACKEND:PATH.
 
     \b
+    Examples:
+      tm2 allocate local:vm-42/disk.0 10G
       tm2 allocate auto:one-42/disk.0 20G -r 'TAGS @> SSD'
     """
     info = _client().call("POST", "/v1/images/allocate",
@@ -277,19 +345,31 @@ def place(size: int, explain: bool, as_json: bool, **kwargs: Any) -> None:
 
 
 @main.command(context_settings=SIZE_ARGS)
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.argument("size", callback=lambda c, p, v: parse_size(v))
 @click.option("--shrink", is_flag=True, help="allow making the image smaller (loses data)")
 def resize(image: str, size: int, shrink: bool) -> None:
-    """Grow IMAGE to SIZE (shrinking needs --shrink)."""
+    """Grow IMAGE to SIZE (shrinking needs --shrink).
+
+    \b
+    Example:
+      tm2 resize ssd1:vm-42/disk.0 20G
+    """
     _client().call("POST", "/v1/images/resize", {"address": image, "size": size,
                                                   "shrink": shrink})
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 def read(image: str) -> None:
-    """Write IMAGE's bytes to standard output."""
+    """Write IMAGE's bytes to standard output.
+
+    \b
+    Example:
+      tm2 read repo:ubuntu.img | sha256sum
+    """
     _, chunks = _client().download(image)
     out = sys.stdout.buffer
     for chunk in chunks:
@@ -298,9 +378,15 @@ def read(image: str) -> None:
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 def write(image: str) -> None:
-    """Replace IMAGE's bytes with standard input (creating IMAGE if missing)."""
+    """Replace IMAGE's bytes with standard input (creating IMAGE and missing folders if needed).
+
+    \b
+    Example:
+      curl -s https://example.org/ubuntu.img | tm2 write repo:ubuntu.img
+    """
     _client().upload(image, _file_chunks(sys.stdin.buffer, lambda n: None), "write")
 
 
@@ -311,17 +397,32 @@ def _on_mount(client: Client, path: str) -> tuple[str | None, bool]:
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.argument("path")
 def attach(image: str, path: str) -> None:
-    """Link PATH to IMAGE on the mount and record the attachment (counted in NBVM)."""
+    """Link PATH to IMAGE on the mount and record the attachment (counted in NBVM).
+
+    PATH's folder must exist; the link points at IMAGE by its absolute path on the mount, so
+    the image cannot be renamed while attached.
+
+    \b
+    Example:
+      tm2 attach ssd1:vm-42/disk.0 /var/lib/one/datastores/0/42/disk.0
+    """
     client = _client()
     path = os.path.abspath(path)
     mountpoint, inside = _on_mount(client, path)
     if not mountpoint:
         raise Tm2Error("the daemon has no mount to link to")
     target = f"{mountpoint}/{client.call('GET', '/v1/images/info', params={'address': image})['PATH']}"
-    os.symlink(target, path)  # on the mount, this alone records the attachment
+    try:
+        os.symlink(target, path)  # on the mount, this alone records the attachment
+    except FileNotFoundError:
+        raise Tm2Error(f"folder {os.path.dirname(path)} does not exist",
+                       "create it first (mkdir -p)") from None
+    except OSError as e:  # the error is the link's, not the target's
+        raise OSError(e.errno, e.strerror, path) from None
     if inside:
         return
     try:
@@ -332,10 +433,16 @@ def attach(image: str, path: str) -> None:
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.argument("path")
 def detach(image: str, path: str) -> None:
-    """Remove the link at PATH and forget the attachment."""
+    """Remove the link at PATH and forget the attachment.
+
+    \b
+    Example:
+      tm2 detach ssd1:vm-42/disk.0 /var/lib/one/datastores/0/42/disk.0
+    """
     client = _client()
     path = os.path.abspath(path)
     _, inside = _on_mount(client, path)
@@ -348,7 +455,8 @@ def detach(image: str, path: str) -> None:
 
 
 @main.command("break-lease")
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.option("--force", is_flag=True, help="break it even if the holding host looks alive")
 def break_lease(image: str, force: bool) -> None:
     """Take IMAGE's write lease from a host that died holding it (root; logged).
@@ -356,25 +464,34 @@ def break_lease(image: str, force: bool) -> None:
     An image is writable on one host at a time: an open for writing or an attachment takes its
     lease. When that host's daemon is dead (`onestoragebackend hosts` shows it UNREACHABLE after
     10 s without a heartbeat), break the lease and open the image elsewhere.
+
+    \b
+    Example:
+      tm2 break-lease ssd1:vm-42/disk.0
     """
     data = _client().call("POST", "/v1/images/break-lease", {"address": image, "force": force})
     click.echo(f"broke the lease of {image} held by {data['HOLDER']}")
 
 
 @main.command()
-@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.argument("image", callback=lambda c, p, v: _check_address(v),
+              shell_complete=complete_address)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def info(image: str, as_json: bool) -> None:
-    """Show IMAGE's attributes and attachments."""
+    """Show IMAGE's attributes and attachments (times as local ISO dates; --json keeps seconds).
+
+    \b
+    Example:
+      tm2 info ssd1:vm-42/disk.0
+    """
     data = _client().call("GET", "/v1/images/info", params={"address": image})
     if as_json:
         click.echo(to_json(data))
         return
-    print_table([{"ATTRIBUTE": k, "VALUE": v} for k, v in data.items() if k != "ATTACHMENTS"],
-                ["ATTRIBUTE", "VALUE"], header=False)
+    print_attributes({k: v for k, v in data.items() if k != "ATTACHMENTS"})
     if data["ATTACHMENTS"]:
-        print_table(data["ATTACHMENTS"], ["ID", "HOST", "PATH", "ON_MOUNT"])
+        print_table(data["ATTACHMENTS"], ["ID", "HOST", "PATH", "ON_MOUNT", "CREATED"])
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="tm2")  # as installed: `python -m` too completes with _TM2_COMPLETE

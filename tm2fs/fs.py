@@ -30,7 +30,8 @@ kernel answers SEEK_DATA/SEEK_HOLE as "all data" (copiers then read the zeros an
 themselves) and fallocate, discard included, with EOPNOTSUPP.
 
 statfs: pyfuse3 does not pass the inode to `statfs`, so `df` anywhere on the mount shows the whole
-pool (the sum over backends with a known size); per-backend figures are `onestoragebackend list`'s.
+pool (the sum over backends with a known size, a filesystem or Ceph pool several backends share
+counted once); per-backend figures are `onestoragebackend list`'s.
 """
 
 from __future__ import annotations

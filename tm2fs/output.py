@@ -9,6 +9,7 @@ import json
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from rich import box
@@ -19,14 +20,24 @@ from .errors import InvalidArgument
 from .sizes import format_size
 
 SIZE_COLUMNS = {"CAPACITY", "FREE", "USED", "ALLOCATED", "AVAILABLE", "CAPACITY_LIMIT", "SIZE"}
+#: seconds since the epoch in the API (and `--json`); tables show them as local ISO dates
+TIME_COLUMNS = {"CREATED", "UPDATED", "MONITORED"}
+
+
+def iso_time(seconds: float) -> str:
+    """Local time with its UTC offset, to the second: `2026-11-27T10:42:40+01:00`."""
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
 
 
 def cell(key: str, value: Any) -> str:
-    """A value as a table shows it: sizes humanised, lists joined, unknowns as '-'."""
+    """A value as a table shows it: sizes humanised, times as dates, lists joined, unknowns
+    as '-'."""
     if key in SIZE_COLUMNS:
         return format_size(value)
     if value is None:
         return "-"
+    if key in TIME_COLUMNS and isinstance(value, int | float):
+        return iso_time(value)
     if isinstance(value, list):
         return ",".join(map(str, value))
     if isinstance(value, dict):
@@ -55,6 +66,12 @@ def console() -> Console:
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], header: bool = True) -> None:
     console().print(table(rows, columns, header))
+
+
+def print_attributes(attrs: dict[str, Any]) -> None:
+    """One `ATTRIBUTE VALUE` line per attribute, each value shown as its own column would be."""
+    print_table([{"ATTRIBUTE": k, "VALUE": cell(k, v)} for k, v in attrs.items()],
+                ["ATTRIBUTE", "VALUE"], header=False)
 
 
 def to_json(data: Any) -> str:

@@ -33,12 +33,13 @@ def parse_size(text: str | int) -> int:
 
 
 def format_size(value: int | None) -> str:
-    """Compact binary units for tables; None means the backend did not say."""
+    """Compact binary units for tables, always with a unit (`19B`, `1.5G`); None means the
+    backend did not say."""
     if value is None:
         return "-"
     n: float = value  # stays an int while below 1024
     for unit in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1024 or unit == "P":
-            return f"{n}{unit}" if unit == "" else f"{n:.1f}{unit}"
+            return f"{n}B" if unit == "" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)

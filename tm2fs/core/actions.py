@@ -45,6 +45,7 @@ class Upload:
     mode: int
     caller: Caller
     replaces: Node | None = None  # the image whose bytes this replaces (a write)
+    folders: tuple[str, ...] = ()  # below `parent`, made with the name where missing
     staged: bool = True
     released: bool = False
     done: bool = False
@@ -63,8 +64,10 @@ class Actions:
 
     # ------------------------------------------------------------------ addresses
 
-    def resolve(self, address: str, caller: Caller) -> tuple[Backend, list[str], Node | None]:
-        """BACKEND:PATH -> backend, path components and the node if it exists."""
+    def resolve(self, address: str, caller: Caller, partial: bool = False,
+                ) -> tuple[Backend, list[str], Node | None]:
+        """BACKEND:PATH -> backend, path components and the node if it exists (`partial`: also
+        None when a folder on the way is missing, for actions that make them)."""
         ref, parts = parse_address(address)
         b = self.backends.find(ref)
         n: Node | None = self.ns.get(b.root_ino)
@@ -75,7 +78,7 @@ class Actions:
             check(caller, n, EXEC)
             child = self.pool.child(n.ino, part)
             if child is None:
-                if i < len(parts) - 1:
+                if i < len(parts) - 1 and not partial:
                     raise err.NotFound(f"{b.name}:{'/'.join(parts[:i + 1])} does not exist",
                                        "create the directory first (mkdir on the mount)")
                 return b, parts, None
@@ -93,18 +96,23 @@ class Actions:
             raise err.InvalidArgument(f"{address} is a symlink, not an image")
         return b, n
 
-    def parent_of(self, address: str, caller: Caller) -> tuple[Backend, int, str]:
-        b, parts, n = self.resolve(address, caller)
-        if n is not None:
-            raise err.Exists(f"{address} exists", "delete it first or choose another name")
-        parent = b.root_ino
-        if len(parts) > 1:
-            _, _, pn = self.resolve(f"{b.id}:{'/'.join(parts[:-1])}", caller)
-            assert pn is not None
-            if not pn.is_dir:
-                raise err.NotADirectory(f"{'/'.join(parts[:-1])} is not a directory")
-            parent = pn.ino
-        return b, parent, parts[-1]
+    def parent_of(self, address: str, caller: Caller) -> tuple[Backend, int, tuple[str, ...], str]:
+        """Where a new image goes: its backend, the deepest folder of its path that exists, the
+        folders still to make below it and its name. A transfer manager makes the VM's folder
+        before its disks, so the actions that make an image make missing folders, as `mkdir -p`
+        (in the image's own transaction: a failure leaves no folder behind)."""
+        ref, parts = parse_address(address)
+        b = self.backends.find(ref)
+        n = self.ns.get(b.root_ino)
+        for i, part in enumerate(parts):
+            if not n.is_dir:
+                raise err.NotADirectory(f"{b.name}:{'/'.join(parts[:i])} is not a directory")
+            check(caller, n, EXEC)
+            child = self.pool.child(n.ino, part)
+            if child is None:
+                return b, n.ino, tuple(parts[i:-1]), parts[-1]
+            n = child
+        raise err.Exists(f"{address} exists", "delete it first or choose another name")
 
     def address_of(self, ino: int) -> str:
         """BACKEND:PATH of a namespace entry (e.g. where placement put it)."""
@@ -113,8 +121,8 @@ class Actions:
 
     async def _target(self, address: str, caller: Caller, size: int, place: dict[str, Any] | None,
                       role: str = "SAN") -> tuple[str, int | None, str | None]:
-        """`auto:PATH` -> the placed backend's `NAME:PATH` (its missing folders made, like
-        `mkdir -p`), the reservation and the key it holds; any other address as it is."""
+        """`auto:PATH` -> the placed backend's `NAME:PATH` (its missing folders are made with the
+        image), the reservation and the key it holds; any other address as it is."""
         ref, parts = parse_address(address)
         if ref != AUTO:
             return address, None, None
@@ -123,16 +131,6 @@ class Actions:
         key = uuid.uuid4().hex
         _, b, reservation = await self.placing.place(caller, size, key=key, **options)
         assert b is not None
-        try:
-            parent = b.root_ino
-            for part in parts[:-1]:
-                child = self.pool.child(parent, part)
-                parent = child.ino if child else (await self.ns.mkdir(parent, part, 0o755,
-                                                                      caller)).ino
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await quietly(self.placing.unreserve(reservation))
-            raise
         return f"{b.name}:{'/'.join(parts)}", reservation, key
 
     # ------------------------------------------------------------------ the actions
@@ -157,13 +155,13 @@ class Actions:
         size = parse_size(size)
         address, reservation, key = await self._target(address, caller, size, place)
         try:
-            _, parent, name = self.parent_of(address, caller)
+            _, parent, folders, name = self.parent_of(address, caller)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await quietly(self.placing.unreserve(reservation))
             raise
         await self.images.create(parent, name, mode, caller, size=size, reservation=reservation,
-                                 key=key)
+                                 key=key, folders=folders)
         log.info("allocated %s (%d bytes)", address, size)
         return await self.image_info(address, caller, new=True)
 
@@ -208,23 +206,24 @@ class Actions:
         size = self.pool.image_size(sn.image_id)
         dst, reservation, key = await self._target(dst, caller, size, place)
         try:
-            db, parent, name = self.parent_of(dst, caller)
+            db, parent, folders, name = self.parent_of(dst, caller)
             self.ns.dir_for_change(parent, caller)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await quietly(self.placing.unreserve(reservation))
             raise
         if sb.id != db.id:
-            await self._copy_across(sn, parent, name, caller, progress, reservation, key)
+            await self._copy_across(sn, parent, folders, name, caller, progress, reservation, key)
             log.info("copied %s -> %s across backends", src, dst)
         else:
             await self.images.create(parent, name, sn.mode & 0o777, caller, size=size,
                                      reservation=reservation, key=key, source=sn,
-                                     progress=progress)
+                                     progress=progress, folders=folders)
             log.info("cloned %s -> %s", src, dst)
         return await self.image_info(dst, caller, new=True)
 
-    async def _copy_across(self, sn: Node, parent: int, name: str, caller: Caller,
+    async def _copy_across(self, sn: Node, parent: int, folders: tuple[str, ...], name: str,
+                           caller: Caller,
                            progress: Progress | None, reservation: int | None,
                            key: str | None) -> None:
         """Stream between two backends' handles into a hidden image, named once complete and
@@ -240,7 +239,7 @@ class Actions:
             attr = await self.images.create(parent, name, 0o600, caller, size=size,
                                             reservation=reservation, key=key, hidden=True)
             up = Upload(await self._open_hidden(attr.ino, caller), name, parent, name,
-                        sn.mode & 0o777, caller)
+                        sn.mode & 0o777, caller, folders=folders)
             try:
                 await copy_data(self.files, src_of, up.file, size, progress)
                 await self._complete(up, size)
@@ -269,10 +268,11 @@ class Actions:
         if parse_address(address)[0] == AUTO:
             address, reservation, key = await self._target(address, caller, size, place,
                                                            role="REPOSITORY")
+        folders: tuple[str, ...] = ()
         try:
-            _, _, n = self.resolve(address, caller)
+            _, _, n = self.resolve(address, caller, partial=True)
             if n is None:
-                _, parent, name = self.parent_of(address, caller)
+                _, parent, folders, name = self.parent_of(address, caller)
             elif push:
                 raise err.Exists(f"{address} exists", "delete it first or choose another name")
             elif n.image_id is None:
@@ -303,7 +303,7 @@ class Actions:
         attr = await self.images.create(parent, name, 0o600, maker, size=size,
                                         reservation=reservation, key=key, hidden=True)
         return Upload(await self._open_hidden(attr.ino, maker), address, parent, name, 0o600,
-                      maker, replaces=n)
+                      maker, replaces=n, folders=folders)
 
     async def finish_upload(self, up: Upload, size: int) -> str:
         """The bytes are all there: cut to `size`, synced, then visible; the final address."""
@@ -325,7 +325,8 @@ class Actions:
         if not up.staged:
             return
         if up.replaces is None:
-            await self.images.publish(of.image.ino, up.parent, up.name, up.mode, up.caller)
+            await self.images.publish(of.image.ino, up.parent, up.name, up.mode, up.caller,
+                                      up.folders)
         else:
             await self.images.replace_with(up.replaces, of.image.ino, up.caller)
         up.done = True
@@ -348,10 +349,11 @@ class Actions:
         if create and parse_address(address)[0] == AUTO:
             address, reservation, key = await self._target(address, caller, size, place,
                                                            role="REPOSITORY")
+        folders: tuple[str, ...] = ()
         try:
-            _, _, n = self.resolve(address, caller)
+            _, _, n = self.resolve(address, caller, partial=create)
             if n is None and create:
-                _, parent, name = self.parent_of(address, caller)
+                _, parent, folders, name = self.parent_of(address, caller)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await quietly(self.placing.unreserve(reservation))
@@ -360,7 +362,7 @@ class Actions:
             if not create:
                 raise err.NotFound(f"{address} does not exist")
             attr = await self.images.create(parent, name, 0o600, caller, size=size,
-                                            reservation=reservation, key=key)
+                                            reservation=reservation, key=key, folders=folders)
             return await self.files.open(attr.ino, caller, writable=True)
         await self.placing.unreserve(reservation)
         if exclusive:

@@ -21,7 +21,7 @@ from ..drivers import driver_class
 from ..model import ROOT_INO, Caller, now_ns
 from ..store import Tx
 from . import backend_spec as spec_
-from . import ownership
+from . import links, ownership
 from .backends import Backends, Runtime, capped, quietly
 from .permissions import require_root
 from .pool import Pool
@@ -32,10 +32,12 @@ VALIDATE_TIMEOUT = 30.0
 
 
 class Admin:
-    def __init__(self, pool: Pool, backends: Backends, state_dir: Path) -> None:
+    def __init__(self, pool: Pool, backends: Backends, state_dir: Path,
+                 mountpoint: str | None = None) -> None:
         self.pool = pool
         self.backends = backends
         self.state_dir = state_dir
+        self.mountpoint = mountpoint
         self._pool_id: str | None = None
 
     async def pool_id(self) -> str:
@@ -229,6 +231,8 @@ class Admin:
             if new_name != b.name:
                 if tx.backend_by_name(new_name):
                     raise err.Exists(f"a backend named {new_name!r} exists")
+                links.follow_backend_rename(tx, b.id, links.Move(b.name, new_name,
+                                                                 self.mountpoint))
                 tx.update_node(b.root_ino, name=new_name)
             if "tm_raw" in values:
                 self._recheck(tx, b.tm, values["tm_raw"], b.name, b.id)

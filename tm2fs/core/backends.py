@@ -43,6 +43,7 @@ class Runtime:
     driver: Driver
     started: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    seen: Capacity | None = None  # what the driver last reported here, before CAPACITY caps
 
 
 class Backends:
@@ -237,6 +238,7 @@ class Backends:
                         await rt.driver.start()
                         rt.started = True
                     cap = await rt.driver.monitor()
+                    rt.seen = cap
                 metrics.DRIVER_SECONDS.labels(b.name, "monitor").observe(time.perf_counter() - start)
             except (OSError, trio.TooSlowError, err.Tm2Error) as e:
                 if isinstance(e, trio.TooSlowError):
@@ -284,6 +286,28 @@ class Backends:
             self.local_readonly[b.id] = reason
             self.refresh()
         await self.pool.write(lambda tx: tx.set_host_backend(self.host, b.id, "READONLY", reason))
+
+    def pooled(self) -> Capacity:
+        """The pool's space, for `df` on the mount: backends on one storage (a filesystem, a
+        Ceph pool, as this host's monitor found) count it once, each within its CAPACITY."""
+        shared: dict[str, tuple[Capacity, list[Backend]]] = {}
+        total = free = used = 0
+        for b in self.by_id.values():
+            if b.total is None:
+                continue
+            rt = self.runtimes.get(b.id)
+            seen = rt.seen if rt else None
+            if seen is None or seen.storage is None:
+                total, free, used = total + b.total, free + (b.free or 0), used + (b.used or 0)
+            else:
+                shared.setdefault(seen.storage, (seen, []))[1].append(b)
+        for seen, members in shared.values():
+            size = sum(b.total or 0 for b in members)
+            room = sum(b.free or 0 for b in members)
+            total += size if seen.total is None else min(seen.total, size)
+            free += room if seen.free is None else min(seen.free, room)
+            used += sum(b.used or 0 for b in members)
+        return Capacity(total, free, used)
 
     async def monitor_all(self) -> None:
         await self.stop_retired()

@@ -20,6 +20,7 @@ import logging
 import stat
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -68,13 +69,14 @@ class Images:
     async def create(self, parent: int, name: str, mode: int, caller: Caller, size: int = 0,
                      reservation: int | None = None, key: str | None = None,
                      source: Node | None = None, progress: Progress | None = None,
-                     hidden: bool = False) -> Attr:
-        """A new image of `size` bytes in directory `parent`: allocated, or cloned from `source`
-        (an image on the same backend). `reservation`/`key`: placement reserved already.
-        `hidden`: made outside the tree, to be filled and then named by `publish`."""
+                     hidden: bool = False, folders: Sequence[str] = ()) -> Attr:
+        """A new image of `size` bytes in directory `parent` (or in `folders` below it, made in
+        the image's transaction where missing): allocated, or cloned from `source` (an image on
+        the same backend). `reservation`/`key`: placement reserved already. `hidden`: made
+        outside the tree, to be filled and then named by `publish` (which makes `folders`)."""
         check_name(name)
         p, b = self.ns.dir_for_change(parent, caller)
-        if not hidden:
+        if not hidden and not folders:
             self.ns.free_name(parent, name)
         key = key or uuid.uuid4().hex
         try:
@@ -101,10 +103,13 @@ class Images:
                                       backend_id=b.id, mode=stat.S_IFREG | 0o600, uid=caller.uid,
                                       gid=gid, atime_ns=t, mtime_ns=t, ctime_ns=t,
                                       image_id=image_id)
-            ino = tx.insert_node(parent=parent, name=name, backend_id=b.id, mode=kind,
+            where = self.ns.folders_in(tx, p, folders, caller, t) if folders else parent
+            if folders and tx.child(where, name) is not None:
+                raise err.Exists(f"{name} exists")
+            ino = tx.insert_node(parent=where, name=name, backend_id=b.id, mode=kind,
                                  uid=caller.uid, gid=gid, atime_ns=t, mtime_ns=t, ctime_ns=t,
                                  image_id=image_id)
-            tx.update_node(parent, mtime_ns=t, ctime_ns=t)
+            tx.update_node(where, mtime_ns=t, ctime_ns=t)
             return ino
 
         try:
@@ -119,19 +124,23 @@ class Images:
         self.pool.stale.add(b.id)
         return self.ns.attr(self.ns.get(ino))
 
-    async def publish(self, ino: int, parent: int, name: str, mode: int, caller: Caller) -> Attr:
-        """A hidden image, complete and synced, takes its name in one transaction."""
+    async def publish(self, ino: int, parent: int, name: str, mode: int, caller: Caller,
+                      folders: Sequence[str] = ()) -> Attr:
+        """A hidden image, complete and synced, takes its name (in `folders` below `parent`,
+        made where missing) in one transaction."""
         check_name(name)
-        self.ns.dir_for_change(parent, caller)
-        self.ns.free_name(parent, name)
+        p, _ = self.ns.dir_for_change(parent, caller)
+        if not folders:
+            self.ns.free_name(parent, name)
         t = now_ns()
         kind = stat.S_IFREG | (mode & 0o7777)
 
         def work(tx: Tx) -> None:
-            if tx.child(parent, name) is not None:  # another host took the name meanwhile
+            where = self.ns.folders_in(tx, p, folders, caller, t) if folders else parent
+            if tx.child(where, name) is not None:  # another host took the name meanwhile
                 raise err.Exists(f"{name} exists")
-            tx.update_node(ino, parent=parent, name=name, mode=kind, mtime_ns=t, ctime_ns=t)
-            tx.update_node(parent, mtime_ns=t, ctime_ns=t)
+            tx.update_node(ino, parent=where, name=name, mode=kind, mtime_ns=t, ctime_ns=t)
+            tx.update_node(where, mtime_ns=t, ctime_ns=t)
 
         await self.pool.write(work, caller)
         return self.ns.attr(self.ns.get(ino))

@@ -12,19 +12,23 @@ from __future__ import annotations
 import logging
 import posixpath
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 from .. import errors as err
 from ..drivers.base import Capacity
-from ..model import ROOT_INO, Attr, Backend, Caller, Node, now_ns
+from ..model import ROOT_INO, Attachment, Attr, Backend, Caller, Node, now_ns
 from ..names import check_name
 from ..store import Tx
+from . import links
 from .backends import Backends
 from .leases import Leases
 from .permissions import EXEC, WRITE, check, new_gid, require_attach, sticky
 from .pool import Pool
 
 log = logging.getLogger(__name__)
+
+FOLDER_MODE = 0o755  # folders made on the way to a new image, as `mkdir -p` with umask 022
 
 
 class Namespace:
@@ -94,14 +98,13 @@ class Namespace:
         return n.target
 
     def statfs(self, ino: int) -> Capacity:
-        """A backend directory shows its backend's capacity; the top level the pool's sum."""
+        """A backend directory shows its backend's capacity; the top level the pool's, each
+        underlying storage counted once."""
         n = self.get(ino)
         if n.backend_id is not None:
             b = self.backends.get(n.backend_id)
             return Capacity(b.total, b.free, b.used)
-        known = [b for b in self.backends.by_id.values() if b.total is not None]
-        return Capacity(sum(b.total or 0 for b in known), sum(b.free or 0 for b in known),
-                        sum(b.used or 0 for b in known))
+        return self.backends.pooled()
 
     def mount_path(self, ino: int) -> str:
         rel = self.pool.path(ino)
@@ -152,6 +155,28 @@ class Namespace:
 
         return self.attr(self.get(await self.pool.write(work, caller)))
 
+    def folders_in(self, tx: Tx, parent: Node, names: Sequence[str], caller: Caller,
+                   t: int) -> int:
+        """`mkdir -p` inside the transaction that puts something in the last folder: `names`
+        below `parent` (where the caller may write), made where missing as `mkdir` makes them,
+        owned by the caller; one another host made meanwhile is used if the caller may. The last
+        folder's inode."""
+        ino, setgid, gid = parent.ino, parent.mode & stat.S_ISGID, new_gid(caller, parent)
+        for name in names:
+            found = tx.child(ino, name)
+            if found is not None:
+                if not found.is_dir:
+                    raise err.NotADirectory(f"{name} is not a directory")
+                check(caller, found, WRITE | EXEC)
+                ino = found.ino
+                continue
+            made = tx.insert_node(parent=ino, name=name, backend_id=parent.backend_id,
+                                  mode=stat.S_IFDIR | FOLDER_MODE | setgid, uid=caller.uid,
+                                  gid=gid, atime_ns=t, mtime_ns=t, ctime_ns=t)
+            tx.update_node(ino, mtime_ns=t, ctime_ns=t)
+            ino = made
+        return ino
+
     async def rmdir(self, parent: int, name: str, caller: Caller) -> None:
         p, _ = self.dir_for_change(parent, caller)
         n = self.entry(parent, name)
@@ -178,7 +203,7 @@ class Namespace:
             raise err.IsADirectory(f"{name} is a directory", "use rmdir")
         sticky(caller, p, n)
         t = now_ns()
-        removal = self._removal(n, name, caller)
+        removal, gone = self._removal(n, name, caller)
 
         def work(tx: Tx) -> str | None:
             key = removal(tx)
@@ -188,16 +213,19 @@ class Namespace:
 
         key = await self.pool.write(work, caller)
         await self._after_removal(n, b, key)
+        self._log_detached(gone)
 
-    def _removal(self, n: Node, name: str, caller: Caller) -> Any:
+    def _removal(self, n: Node, name: str, caller: Caller) -> tuple[Any, list[Attachment]]:
         """What removing entry `n` does in its transaction (its image and its attachment, if it
-        is a link); returns the key whose data must go after the commit. Open images keep their
-        rows until their last close."""
+        is a link); returns the key whose data must go after the commit, and fills the list of
+        attachments it ended. Open images keep their rows until their last close."""
         image_id = n.image_id
         is_open = image_id is not None and image_id in self.pool.open
         writing = set(self.leases.writers)
+        gone: list[Attachment] = []
 
         def remove(tx: Tx) -> str | None:
+            gone.clear()  # a transaction run again starts afresh
             key = None
             if image_id is not None:
                 self._check_detached(tx, image_id, name, caller)
@@ -208,12 +236,21 @@ class Namespace:
                     tx.delete_image(image_id)
             link = tx.attachment_by_link(n.ino)
             if link:
+                gone.append(link)
                 tx.delete_attachment(link.id)
                 self.leases.drop_attachment_lease_in(tx, link.image_id, link.host,
                                                      link.image_id in writing)
             return key
 
-        return remove
+        return remove, gone
+
+    def _log_detached(self, gone: list[Attachment], why: str = "its link was removed") -> None:
+        """A link removed (or left dangling) on the mount is a detach: logged as `tm2 detach`
+        logs one."""
+        for a in gone:
+            ino = self.pool.image_ino.get(a.image_id)
+            image = self.pool.path(ino).replace("/", ":", 1) if ino else f"image {a.image_id}"
+            log.info("detached %s from %s:%s (%s)", image, a.host, a.path, why)
 
     async def _after_removal(self, n: Node, b: Backend, key: str | None) -> None:
         """After the commit: the data goes, or the open image is marked to drop it at close."""
@@ -257,7 +294,7 @@ class Namespace:
         old = self.pool.child(new_parent, new_name)
         if old is not None and old.ino == n.ino:
             return  # rename onto itself
-        removal = None
+        removal, gone = None, list[Attachment]()
         if old is not None:
             if noreplace:
                 raise err.Exists(f"{new_name} exists")
@@ -267,30 +304,38 @@ class Namespace:
                     f"{new_name}: cannot replace a {'directory' if old.is_dir else 'file'}")
             if old.is_dir and self.pool.has_children(old.ino):
                 raise err.NotEmpty(f"{new_name} is not empty")
-            removal = self._removal(old, new_name, caller)
+            removal, gone = self._removal(old, new_name, caller)
         t = now_ns()
-        link_path = (self.mount_path(new_parent) + "/" + new_name
-                     if self.mountpoint else f"{self.pool.path(new_parent)}/{new_name}")
+        writing = set(self.leases.writers)
+        ended: list[Attachment] = []
 
         def work(tx: Tx) -> str | None:
             key = None
+            ended.clear()
             if old is not None and removal is not None:
                 if old.is_dir and tx.has_children(old.ino):
                     raise err.NotEmpty(f"{new_name} is not empty")
                 key = removal(tx)
                 tx.delete_node(old.ino)
+            # attachments below follow (recorded paths) or refuse (links left dangling)
+            move = links.Move(links.path_in(tx, n.ino),
+                              f"{links.path_in(tx, new_parent)}/{new_name}", self.mountpoint)
+            for a in links.follow_rename(tx, tx.node(n.ino) or n, move):
+                tx.delete_attachment(a.id)  # its link no longer reaches the image
+                self.leases.drop_attachment_lease_in(tx, a.image_id, a.host,
+                                                     a.image_id in writing)
+                ended.append(a)
             tx.update_node(n.ino, parent=new_parent, name=new_name, ctime_ns=t)
             tx.update_node(parent, mtime_ns=t, ctime_ns=t)
             if new_parent != parent:
                 tx.update_node(new_parent, mtime_ns=t, ctime_ns=t)
-            link = tx.attachment_by_link(n.ino)
-            if link:  # the attachment's recorded path follows its link
-                tx.set_attachment_path(link.id, link_path)
             return key
 
         key = await self.pool.write(work, caller)
+        self._log_detached(ended, "the rename left its link dangling")
         if old is not None:
             await self._after_removal(old, nb, key)
+            self._log_detached(gone)
 
     async def symlink(self, parent: int, name: str, target: str, caller: Caller) -> Attr:
         """A symlink to an image on the mount is an attachment: it counts in NBVM until removed."""

@@ -55,7 +55,7 @@ class Service:
         self.write = self.files.write
         self.actions = Actions(self.pool, self.backends, self.namespace, self.leases,
                                self.placing, self.images, self.files)
-        self.admin = Admin(self.pool, self.backends, self.state_dir)
+        self.admin = Admin(self.pool, self.backends, self.state_dir, self.mountpoint)
         self.recovery = Recovery(self.pool, self.backends, self.admin)
         self.views = Views(self.pool, self.backends)
 

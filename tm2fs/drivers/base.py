@@ -45,6 +45,9 @@ class Capacity:
     total: int | None
     free: int | None
     used: int | None
+    #: which storage the space is of (a filesystem, a Ceph pool): backends that report the same
+    #: count it once in the pool's total (`df` on the mount); None: the backend's own
+    storage: str | None = None
 
 
 # ------------------------------------------------------------------------------ the data path
@@ -313,6 +316,7 @@ def directory_capacity(path: str | os.PathLike[str]) -> Capacity:
     """A directory of image files: its filesystem's size and free space, and the blocks its
     files really hold (thin images count what is written). Blocking: call in a worker thread."""
     st = os.statvfs(path)
+    device = os.stat(path).st_dev
     used = 0
     with os.scandir(path) as it:
         for entry in it:
@@ -321,7 +325,8 @@ def directory_capacity(path: str | os.PathLike[str]) -> Capacity:
                     used += entry.stat(follow_symlinks=False).st_blocks * 512
             except FileNotFoundError:
                 continue  # deleted while we looked: not a fault of the backend
-    return Capacity(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, used=used)
+    return Capacity(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, used=used,
+                    storage=f"dev:{device}")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -101,9 +101,11 @@ class RbdDriver(Driver):
         used = int(stats.get("stored", stats.get("bytes_used", 0)))
         avail = int(stats["max_avail"])
         quota = int(stats.get("quota_bytes") or 0)
+        storage = f"ceph:{self.cluster.get_fsid()}:{self.s.pool}"  # backends on one pool share it
         if quota:
-            return Capacity(total=quota, free=max(0, min(quota - used, avail)), used=used)
-        return Capacity(total=used + avail, free=avail, used=used)
+            return Capacity(total=quota, free=max(0, min(quota - used, avail)), used=used,
+                            storage=storage)
+        return Capacity(total=used + avail, free=avail, used=used, storage=storage)
 
     # ------------------------------------------------------------------ images
 
