@@ -4,7 +4,8 @@ split theirs. The methods of the protocols below are the checklist.
 - Core, every driver: `Storage` (validate, start/stop, monitor, allocate, delete, keys, open) and
   the `Handle` that open returns.
 - Optional: `Sized` (size), `Resizable` (resize), `Cloning` (clone; `cheap_clone` says whether it
-  shares blocks), `NativeSource` (local_path: where the bytes are on this host).
+  shares blocks), `NativeSource` (local_path: where the bytes are on this host), `HypervisorSource`
+  (source: how a hypervisor here reaches the image without tm2fs, for `tm2 source` / attach --native).
 
 A driver subclasses `Driver`. A core method it leaves out makes the class abstract, so it fails
 when first instantiated, naming what is missing. An optional capability it leaves out answers
@@ -239,7 +240,17 @@ class NativeSource(Protocol):
         ...
 
 
-class Driver(Storage, Sized, Resizable, Cloning, NativeSource):
+class HypervisorSource(Protocol):
+    def source(self, key: str) -> dict[str, Any] | None:
+        """How a hypervisor on this host reaches the image natively, with no tm2fs in the data
+        path; None: through the mount only. One of {"type": "file", "path"}, {"type": "rbd",
+        "pool", "namespace", "image", "monitors": [{"host", "port"}], "client_id", "keyring",
+        "conf"} or {"type": "iscsi", "portal", "host", "port", "iqn", "lun", "initiator", "chap"}
+        (core/native.py renders them for qemu and libvirt). No I/O: it runs on the trio thread."""
+        ...
+
+
+class Driver(Storage, Sized, Resizable, Cloning, NativeSource, HypervisorSource):
     """What a driver subclasses: the core as abstract methods, every optional capability refused."""
 
     cheap_clone: ClassVar[bool] = False
@@ -264,8 +275,11 @@ class Driver(Storage, Sized, Resizable, Cloning, NativeSource):
     def local_path(self, key: str) -> str | None:
         return None
 
+    def source(self, key: str) -> dict[str, Any] | None:
+        return None
 
-OPTIONAL: tuple[type, ...] = (Sized, Resizable, Cloning, NativeSource)
+
+OPTIONAL: tuple[type, ...] = (Sized, Resizable, Cloning, NativeSource, HypervisorSource)
 
 
 def supports(driver: Driver | type[Driver], capability: type) -> bool:
