@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
@@ -92,6 +92,8 @@ attachment = sa.Table(
     sa.Column("link_ino", sa.BigInteger),  # the symlink on the mount that made it, if any
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("uid", sa.Integer),  # who attached it: they, the image's owner or root detach it
+    # the hypervisor uses the image's own path (tm2 attach --native), not the mount
+    sa.Column("native", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.UniqueConstraint("host", "path", name="attachment_host_path"),
 )
 
@@ -160,7 +162,14 @@ def _v3_to_v4(c: sa.Connection) -> None:
     c.execute(schema_info.update().values(pool_id=new_pool_id()))
 
 
+def _v4_to_v5(c: sa.Connection) -> None:
+    """Attachments say whether the hypervisor reaches the image natively (older ones: through
+    the mount, as they all did)."""
+    if "native" not in {col["name"] for col in sa.inspect(c).get_columns("attachment")}:
+        c.exec_driver_sql("ALTER TABLE attachment ADD COLUMN native BOOLEAN NOT NULL DEFAULT false")
+
+
 # Migrations from version N to N+1; a new schema version appends one function here.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3, _v3_to_v4]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_to_v2, _v2_to_v3, _v3_to_v4, _v4_to_v5]
 
 
