@@ -17,6 +17,7 @@ import pytest
 
 from tests.daemon import Daemon
 from tests.servers.libvirt import Libvirt
+from tm2fs.core.native import libvirt_disk
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.mount, pytest.mark.slow]
 
@@ -29,8 +30,15 @@ def ok(proc) -> str:
     return proc.stdout.decode()
 
 
-@pytest.fixture(scope="module")
-def libvirt() -> Iterator[Libvirt]:
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Daemon]:
+    with Daemon(tmp_path) as d:
+        yield d
+
+
+@pytest.fixture
+def libvirt(tree: Daemon) -> Iterator[Libvirt]:
+    """Started after the mount: a libvirtd of ours sees the mounts its namespace was made with."""
     with Libvirt() as lv:
         yield lv
 
@@ -66,41 +74,43 @@ def tgt_server() -> Iterator[object]:
     pytest.param("ceph", True, id="rbd", marks=pytest.mark.ceph),
     pytest.param("san", True, id="iscsi", marks=pytest.mark.iscsi),
 ])
-def test_a_guest_runs_on_what_tm2fs_printed(libvirt: Libvirt, tmp_path: Path, backend: str,
-                                            native: bool, request: pytest.FixtureRequest) -> None:
-    with Daemon(tmp_path) as d:
-        _backend(d, tmp_path, backend, request)
-        image = f"{backend}:vm-1.disk0"
-        ok(d.tm2("allocate", image, str(SIZE)))
-        vm_dir = tmp_path / "vm-1"
-        vm_dir.mkdir()
-        path = vm_dir / "disk.0"
-        if native:
-            ok(d.tm2("attach", "--native", image, str(path)))
-            disk = ok(d.tm2("source", "--format", "libvirt", image))
-            if path.is_symlink():  # a file: the link points at it, the element names the file
-                assert ET.fromstring(disk).find("source").get("file") == str(path.resolve())  # type: ignore[union-attr]
-            else:  # a network disk: the file attach wrote is the element
-                assert path.read_text().strip() == disk.strip()
-        else:
-            ok(d.tm2("attach", image, str(path)))  # a link into the mount
-            disk = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
-                    f"<source file='{path}'/><target dev='vda' bus='virtio'/></disk>")
-        assert d.backends()[backend]["NBVM"] == 1
-        name = f"tm2fs-test-{uuid.uuid4().hex[:8]}"
-        with libvirt.domain(name, disk):
-            deadline = time.monotonic() + 120
-            while libvirt.blkstat(name, "vda").get("rd_req", 0) < 1:  # SeaBIOS reads the disk
-                assert time.monotonic() < deadline, libvirt.virsh("domblklist", name)
-                time.sleep(0.5)
-            libvirt.guest_write(name, 4096, 4096, 0x5A)
-            data = d.tm2("read", image).stdout
-            assert data[4096:8192] == b"\x5a" * 4096 and data[:4096] == bytes(4096)
-            info = ok(d.tm2("info", image))
-            assert str(path) in info
-            refused = d.tm2("delete", image)
-            assert refused.returncode == 1 and b"attached" in refused.stderr
-        ok(d.tm2("detach", image, str(path)))
-        assert not path.exists() and not path.is_symlink()
-        assert d.backends()[backend]["NBVM"] == 0
-        ok(d.tm2("delete", image))
+def test_a_guest_runs_on_what_tm2fs_printed(libvirt: Libvirt, tree: Daemon, tmp_path: Path,
+                                            backend: str, native: bool,
+                                            request: pytest.FixtureRequest) -> None:
+    d = tree
+    _backend(d, tmp_path, backend, request)
+    image = f"{backend}:vm-1.disk0"
+    ok(d.tm2("allocate", image, str(SIZE)))
+    vm_dir = tmp_path / "vm-1"
+    vm_dir.mkdir()
+    path = vm_dir / "disk.0"
+    if native:
+        ok(d.tm2("attach", "--native", image, str(path)))
+        disk = ok(d.tm2("source", "--format", "libvirt", image))
+        if path.is_symlink():  # a file: the link points at it, the element names the file
+            assert ET.fromstring(disk).find("source").get("file") == str(path.resolve())  # type: ignore[union-attr]
+        else:  # a network disk: the file attach wrote is the element
+            assert path.read_text().strip() == disk.strip()
+    else:
+        ok(d.tm2("attach", image, str(path)))  # a link into the mount
+        disk = libvirt_disk({"type": "file", "path": str(path)})
+    assert d.backends()[backend]["NBVM"] == 1
+    name = f"tm2fs-test-{uuid.uuid4().hex[:8]}"
+    with libvirt.domain(name, disk):
+        deadline = time.monotonic() + 120
+        while libvirt.blkstat(name, "vda").get("rd_req", 0) < 1:  # SeaBIOS reads the disk
+            assert time.monotonic() < deadline, libvirt.virsh("domblklist", name)
+            time.sleep(0.5)
+        listed = libvirt.virsh("domblklist", name)
+        assert (str(d.mnt) in listed) != native  # native: qemu's own path, not the mount's
+        libvirt.guest_write(name, 4096, 4096, 0x5A)
+        data = d.tm2("read", image).stdout
+        assert data[4096:8192] == b"\x5a" * 4096 and data[:4096] == bytes(4096)
+        info = ok(d.tm2("info", image))
+        assert str(path) in info
+        refused = d.tm2("delete", image)
+        assert refused.returncode == 1 and b"attached" in refused.stderr
+    ok(d.tm2("detach", image, str(path)))
+    assert not path.exists() and not path.is_symlink()
+    assert d.backends()[backend]["NBVM"] == 0
+    ok(d.tm2("delete", image))

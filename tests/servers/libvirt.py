@@ -2,9 +2,15 @@
 
 There is no systemd here to socket-activate it, so `Libvirt` starts `virtlogd` (qemu's console
 log goes through it) and `libvirtd` as foreground children, and stops them at the end; a libvirt
-that already answers is used as it is and left running. Domains are TCG (`type='qemu'`: no KVM
-needed), run qemu as root with no relabelling (a per-domain DAC label, so nothing on the host is
-chowned and root-only test directories are reachable), and need no OS: SeaBIOS reads the boot
+that already answers is used as it is and left running. Our libvirtd runs in a mount namespace of
+its own (mounts of the host still propagate in: the tm2fs mount) where the test's qemu.conf is
+bound over /etc/libvirt/qemu.conf, so the system's file is untouched: qemu runs as root. Why: on
+machines where /dev/kvm is root-only, libvirt's cache of qemu's capabilities (probed as
+libvirt-qemu) is found stale on every call and re-probed, about 45 s per `virsh start`.
+
+Domains are TCG (`type='qemu'`: no KVM needed), run qemu as root with no relabelling (a
+per-domain DAC label, so nothing on the host is chowned and root-only test directories are
+reachable), and need no OS: SeaBIOS reads the boot
 sector of the disk, which proves qemu opened it, and the monitor's `qemu-io` writes through the
 guest's own disk device. `domain()` always destroys and undefines what it defined.
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 URI = "qemu:///system"
 START_TIMEOUT = 60.0
 DAEMONS = ("virtlogd", "libvirtd")
+QEMU_CONF = 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nnamespaces = [ ]\n'
 
 
 class Libvirt:
@@ -58,8 +65,15 @@ class Libvirt:
             for daemon in DAEMONS:
                 if daemon == "virtlogd" and Path("/run/libvirt/virtlogd-sock").exists():
                     continue  # one is running already
+                cmd = [daemon]
+                if daemon == "libvirtd":
+                    conf = self.dir / "qemu.conf"
+                    conf.write_text(QEMU_CONF)
+                    cmd = ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c",
+                           'mount --bind "$1" /etc/libvirt/qemu.conf && exec libvirtd', "sh",
+                           str(conf)]
                 with open(self.dir / f"{daemon}.log", "ab") as out:
-                    self.procs[daemon] = subprocess.Popen([daemon], stdin=subprocess.DEVNULL,
+                    self.procs[daemon] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                                           stdout=out, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + START_TIMEOUT
             while not self._answers():
