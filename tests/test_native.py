@@ -213,3 +213,19 @@ def test_tm2_source_attach_native_and_the_mount_s_attribute(daemon: Daemon, tmp_
     assert daemon.backends()["local"]["NBVM"] == 0
     inside = daemon.tm2("attach", "--native", "local:vm.img", str(daemon.mnt / "local" / "x"))
     assert inside.returncode == 1 and b"on the mount" in inside.stderr
+
+
+async def test_a_backend_remote_here_has_no_native_path_here(tmp_path: Path) -> None:
+    """A `dir` backend local to another host: neither a source nor a native attachment here
+    (as there is no mount path here either); on its own host, both."""
+    url = f"sqlite:///{tmp_path}/pool.db"
+    async with service_on(url, tmp_path / "o", host="otherhost") as other:
+        await other.create_backend(ROOT, {"NAME": "theirs", "TM": "dir",
+                                          "TM_RAW": f"PATH={tmp_path}/theirs\nHOST=otherhost"})
+        await image(other, "theirs:vm.img")
+        assert other.source("theirs:vm.img", ROOT)["SOURCE"]["type"] == "file"
+    async with service_on(url, tmp_path / "h", host="testhost") as here:
+        with pytest.raises(err.Remote):
+            here.source("theirs:vm.img", ROOT)
+        with pytest.raises(err.Remote):
+            await here.attach("theirs:vm.img", "/vm/disk", ROOT, native=True)
