@@ -14,9 +14,11 @@ cache=none on:
 - mount: MNT/BACKEND/IMAGE (O_DIRECT, aio=native).
 
 qemu-img bench has no random pattern: 4 KiB jobs read or write at a 68 KiB stride (it defeats
-read-ahead), wrapping around the image. Median of 3 runs; MiB/s or IOPS, and each one's ratio
-to direct. native and direct are the same client on the same storage, so their ratio is 1 up to
-the noise of a shared machine; the mount's column is what a VM gives up through tm2fs.
+read-ahead), wrapping around the image. Each way's request count is set so a run lasts about a
+second (direct and native make the same requests, after one untimed run); median of 5
+interleaved runs; MiB/s or IOPS, and each one's ratio to direct. native and direct are the same
+client on the same storage, so their ratio is 1 up to the noise of a shared machine; the mount's
+column is what a VM gives up through tm2fs.
 
     .venv/bin/python benchmarks/native_attach.py
 """
@@ -40,12 +42,14 @@ from tests.servers.tgt import TgtServer
 
 SIZE = 256 * 2**20
 PREFIX = "iqn.2026-11.org.tm2fs.bench"
-JOBS = [  # label, buffer, step, count, depth, write
-    ("read 4K QD1", "4K", "68K", 4000, 1, False),
-    ("read 4K QD32", "4K", "68K", 20000, 32, False),
-    ("write 4K QD32", "4K", "68K", 20000, 32, True),
-    ("seq read 1M QD1", "1M", "1M", 512, 1, False),
-    ("seq write 1M QD1", "1M", "1M", 512, 1, True),
+RUNS = 5
+SECONDS = 1.0  # each run's length, roughly: its count comes from a short calibration run
+JOBS = [  # label, buffer, step, calibration count, depth, write
+    ("read 4K QD1", "4K", "68K", 500, 1, False),
+    ("read 4K QD32", "4K", "68K", 2000, 32, False),
+    ("write 4K QD32", "4K", "68K", 2000, 32, True),
+    ("seq read 1M QD1", "1M", "1M", 64, 1, False),
+    ("seq write 1M QD1", "1M", "1M", 64, 1, True),
 ]
 
 
@@ -112,13 +116,18 @@ def main() -> None:
               f"{'native/direct':>13} {'mount/direct':>12}")
         for backend, kind in (("local", "dir"), ("ceph", "rbd"), ("san", "iscsi")):
             ways = targets(d, tmp, backend, raws[backend])
-            for label, buffer, step, count, depth, write in JOBS:
+            for label, buffer, step, calibration, depth, write in JOBS:
+                counts = {w: max(calibration, round(SECONDS * calibration / bench(
+                    t, buffer, step, calibration, depth, write))) for w, t in ways.items()}
+                counts["native"] = counts["direct"]  # the same offsets: as much comes from cache
+                bench(ways["direct"], buffer, step, counts["direct"], depth, write)  # warm-up
                 times: dict[str, list[float]] = {w: [] for w in ways}
-                for _ in range(3):
-                    for way, target in ways.items():
-                        times[way].append(bench(target, buffer, step, count, depth, write))
+                order = list(ways)
+                for run in range(RUNS):  # interleaved, each way first in turn
+                    for way in order[run % 3:] + order[:run % 3]:
+                        times[way].append(bench(ways[way], buffer, step, counts[way], depth, write))
                     time.sleep(0.2)
-                r = {w: rate(statistics.median(s), buffer, count) for w, s in times.items()}
+                r = {w: rate(statistics.median(s), buffer, counts[w]) for w, s in times.items()}
                 unit = "MiB/s" if buffer == "1M" else "IOPS"
                 print(f"{kind:<7} {label:<17} " + " ".join(f"{r[w]:>10,.0f} {unit:<5}" for w in ways)
                       + f" {r['native'] / r['direct']:>13.2f} {r['mount'] / r['direct']:>12.2f}",
