@@ -202,6 +202,10 @@ def test_tm2_source_attach_native_and_the_mount_s_attribute(daemon: Daemon, tmp_
 
     link = tmp_path / "vm-42" / "disk.0"
     link.parent.mkdir()
+    link.write_text("in the way")  # PATH cannot be made: the attachment is undone
+    assert daemon.tm2("attach", "--native", "local:vm.img", str(link)).returncode == 1
+    assert json.loads(ok("info", "--json", "local:vm.img"))["ATTACHMENTS"] == []
+    link.unlink()
     ok("attach", "--native", "local:vm.img", str(link))
     assert os.readlink(link) == src["path"]  # the hypervisor opens the file itself
     info = json.loads(ok("info", "--json", "local:vm.img"))
