@@ -14,6 +14,7 @@ PACKAGES=(
   tgt libiscsi-bin qemu-block-extra                             # iSCSI: userspace target, initiator
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd rbd-fuse  # Ceph: test cluster
   python3-prometheus-client                                     # metrics (0.16 on 12, 0.21 on 13)
+  libvirt-daemon-system libvirt-clients qemu-system-x86         # native attachments: TCG guests
 )
 
 missing=()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import json
 import os
 import random
 import tomllib
@@ -31,6 +32,7 @@ from tm2fs.drivers.base import (
     Cloning,
     Driver,
     Handle,
+    HypervisorSource,
     NativeSource,
     Resizable,
     Sized,
@@ -55,6 +57,7 @@ class CoreMemory(MemoryDriver):
     resize = Driver.resize
     clone = Driver.clone
     local_path = Driver.local_path
+    source = Driver.source
 
 
 class ThreadedDir(DirDriver):
@@ -241,6 +244,13 @@ async def test_optional_capabilities_work_or_are_refused_alike(driver: Driver, k
     assert (path is not None) == kind.native
     if not supports(driver, NativeSource):
         assert path is None
+    source = driver.source(k)  # how a hypervisor reaches it natively: the file where there is one
+    if not supports(driver, HypervisorSource):
+        assert source is None
+    if path is not None:
+        assert source == {"type": "file", "path": path}
+    elif source is not None:
+        assert source["type"] in ("rbd", "iscsi") and k in json.dumps(source)
     if path is not None:  # the image's bytes are there
         assert os.stat(path).st_size == MIB and os.stat(path).st_blocks == 0  # and thin
         await write(driver, k, (100, b"native"))

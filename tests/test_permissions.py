@@ -269,6 +269,24 @@ def test_show_lists_only_names_the_caller_may_see(d: Daemon, pub: Path, tenant: 
 
 
 @pytest.mark.mount
+def test_native_sources_are_for_readers_of_the_image(d: Daemon, tenant: int) -> None:
+    """`tm2 source` and the mount's `user.tm2fs.source` name the image's backing storage: only
+    for users who may read the image (the kernel checks read for user.* attributes)."""
+    image = d.mnt / "local" / "private.img"
+    image.write_bytes(b"root's")
+    os.chmod(image, 0o600)
+    refused = d.tm2("source", "local:private.img", user=tenant)
+    assert refused.returncode == 1 and b"permission denied" in refused.stderr
+    probe = run_as(tenant, sys.executable, "-c",
+                   f"import os; os.getxattr({str(image)!r}, 'user.tm2fs.source')")
+    assert probe.returncode != 0 and b"Permission denied" in probe.stderr
+    os.chmod(image, 0o644)
+    assert json.loads(ok(d.tm2("source", "local:private.img", user=tenant)))["type"] == "file"
+    assert run_as(tenant, sys.executable, "-c", f"import os; os.getxattr({str(image)!r}, "
+                  "'user.tm2fs.source')").returncode == 0
+
+
+@pytest.mark.mount
 def test_only_root_breaks_leases(d: Daemon, tenant: int) -> None:
     (d.mnt / "local" / "img").write_bytes(b"x")
     refused = d.tm2("break-lease", "local:img", "--force", user=tenant)

@@ -98,6 +98,8 @@ ACCOUNT: Schema = {"type": ["string", "integer"], "minimum": 0, "maximum": 2**32
                    "pattern": r"^(\d{1,9}|(?!\d+$).{1,64})$",
                    "description": "a name or number on this host"}
 NUMBER: Schema = {"type": ["number", "string"], "maxLength": 32}
+DEV: Schema = {"type": "string", "maxLength": 8, "pattern": "^(vd|sd|hd|xvd)[a-z]{1,3}$",
+               "description": "the guest disk name of a libvirt <disk> (default vda)"}
 SCALAR: Schema = {"type": ["string", "number", "null"], "maxLength": PATH_MAX,
                   "minimum": -(2**63), "maximum": 2**63 - 1}
 ATTRIBUTE_NAME: Schema = {"type": "string", "pattern": r"^[A-Za-z0-9_]{1,64}$"}
@@ -287,12 +289,16 @@ async def clone(svc: Service, req: ApiRequest) -> Any:
                                          place=_place(data)), 201)
 
 
-@route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host",
-       body={"address": ADDRESS, "path": LINK, "host": HOST}, required=("address", "path"), ok=(201,))
+@route("POST", "/v1/images/attach", "attach: record an image in use at a path on a host; "
+       "native: the hypervisor uses the image's own path (the answer carries it, as /source)",
+       body={"address": ADDRESS, "path": LINK, "host": HOST, "native": FLAG, "takeover": FLAG,
+             "dev": DEV}, required=("address", "path"), ok=(201,))
 async def attach(svc: Service, req: ApiRequest) -> Any:
     data = req.data
-    return Response.json(await svc.attach(_arg(data, "address"), _arg(data, "path"), caller_of(req),
-                                    data.get("host")), 201)
+    return Response.json(await svc.attach(
+        _arg(data, "address"), _arg(data, "path"), caller_of(req), data.get("host"),
+        native=_flag(data.get("native")), takeover=_flag(data.get("takeover")),
+        dev=data.get("dev") or "vda"), 201)
 
 
 @route("POST", "/v1/images/detach", "detach: forget an attachment",
@@ -377,6 +383,13 @@ async def list_hosts(svc: Service, req: Request) -> Any:
        query={"address": ADDRESS}, required=("address",))
 async def local_path(svc: Service, req: Request) -> Any:
     return {"path": svc.local_path(_arg(req.query, "address"), caller_of(req))}
+
+
+@route("GET", "/v1/images/source", "How a hypervisor on this host reaches the image natively: "
+       "SOURCE (JSON), QEMU (a -blockdev argument), LIBVIRT (a <disk> element)",
+       query={"address": ADDRESS, "dev": DEV}, required=("address",))
+async def source(svc: Service, req: Request) -> Any:
+    return svc.source(_arg(req.query, "address"), caller_of(req), req.query.get("dev") or "vda")
 
 
 @route("GET", "/v1/health", "The daemon: host, version, mountpoint")

@@ -396,23 +396,42 @@ def _on_mount(client: Client, path: str) -> tuple[str | None, bool]:
     return mountpoint, inside
 
 
+DEV = click.option("--dev", default="vda", show_default=True,
+                   help="the guest disk name in a libvirt <disk> element")
+
+
 @main.command()
 @click.argument("image", callback=lambda c, p, v: _check_address(v),
               shell_complete=complete_address)
 @click.argument("path")
-def attach(image: str, path: str) -> None:
+@click.option("--native", is_flag=True, help="make PATH the image's own path (a link to its file, "
+              "or a libvirt <disk> element for a network disk), not a link into the mount")
+@click.option("--takeover", is_flag=True, help="take the write lease from the host whose "
+              "attachment holds it (a live migration's destination; logged)")
+@DEV
+def attach(image: str, path: str, native: bool, takeover: bool, dev: str) -> None:
     """Link PATH to IMAGE on the mount and record the attachment (counted in NBVM).
 
-    PATH's folder must exist; the link points at IMAGE by its absolute path on the mount, so
-    the image cannot be renamed while attached.
+    With --native the hypervisor bypasses tm2fs for data: PATH becomes a symlink to the image's
+    file (dir, local legacy backends), or a file holding the libvirt <disk> element of its
+    network disk (rbd, iscsi) for a domain definition to include. The attachment and the write
+    lease are recorded as for a link into the mount; `tm2 detach` removes PATH and both.
+
+    PATH's folder must exist; a link into the mount points at IMAGE by its absolute path there.
 
     \b
-    Example:
+    Examples:
       tm2 attach ssd1:vm-42/disk.0 /var/lib/one/datastores/0/42/disk.0
+      tm2 attach --native ceph:vm-42/disk.0 /var/lib/one/datastores/0/42/disk.0.xml
     """
     client = _client()
     path = os.path.abspath(path)
     mountpoint, inside = _on_mount(client, path)
+    if native:
+        if inside:
+            raise Tm2Error(f"{path} is on the mount; a native attachment lives outside it")
+        _attach_native(client, image, path, takeover, dev)
+        return
     if not mountpoint:
         raise Tm2Error("the daemon has no mount to link to")
     target = f"{mountpoint}/{client.call('GET', '/v1/images/info', params={'address': image})['PATH']}"
@@ -424,12 +443,32 @@ def attach(image: str, path: str) -> None:
     except OSError as e:  # the error is the link's, not the target's
         raise OSError(e.errno, e.strerror, path) from None
     if inside:
+        if takeover:
+            raise Tm2Error("--takeover needs a PATH outside the mount (the link was made)")
         return
     try:
-        client.call("POST", "/v1/images/attach", {"address": image, "path": path})
+        client.call("POST", "/v1/images/attach", {"address": image, "path": path,
+                                                  "takeover": takeover})
     except BaseException:
         os.unlink(path)
         raise
+
+
+def _attach_native(client: Client, image: str, path: str, takeover: bool, dev: str) -> None:
+    """Record first (the daemon says where the image is), then make PATH; undone if PATH fails."""
+    data = client.call("POST", "/v1/images/attach", {"address": image, "path": path, "native": True,
+                                                     "takeover": takeover, "dev": dev})
+    try:
+        if data["SOURCE"]["type"] == "file":
+            os.symlink(data["SOURCE"]["path"], path)
+        else:
+            with open(path, "x") as f:
+                f.write(data["LIBVIRT"])
+    except BaseException:
+        client.call("POST", "/v1/images/detach", {"address": image, "path": path})
+        raise
+    if data.get("TAKEN_FROM"):
+        click.echo(f"took the write lease of {image} over from host {data['TAKEN_FROM']}", err=True)
 
 
 @main.command()
@@ -437,7 +476,7 @@ def attach(image: str, path: str) -> None:
               shell_complete=complete_address)
 @click.argument("path")
 def detach(image: str, path: str) -> None:
-    """Remove the link at PATH and forget the attachment.
+    """Remove the link (or native attachment's file) at PATH and forget the attachment.
 
     \b
     Example:
@@ -446,12 +485,36 @@ def detach(image: str, path: str) -> None:
     client = _client()
     path = os.path.abspath(path)
     _, inside = _on_mount(client, path)
+    native = False
     if not inside:
+        attached = client.call("GET", "/v1/images/info", params={"address": image})["ATTACHMENTS"]
+        native = any(a["PATH"] == path and a.get("NATIVE") for a in attached)
         client.call("POST", "/v1/images/detach", {"address": image, "path": path})
-    if os.path.islink(path):
+    if os.path.islink(path) or (native and os.path.isfile(path)):
         os.unlink(path)
     elif inside:
         raise Tm2Error(f"{path} is not a link")
+
+
+@main.command()
+@click.argument("image", callback=lambda c, p, v: _check_address(v))
+@click.option("--format", "form", type=click.Choice(["json", "qemu", "libvirt"]), default="json",
+              show_default=True, help="JSON; a qemu -blockdev argument; a libvirt <disk> element")
+@DEV
+def source(image: str, form: str, dev: str) -> None:
+    """Print how a hypervisor on this host reaches IMAGE natively, without tm2fs in its data path.
+
+    \b
+    Examples:
+      qemu-system-x86_64 -blockdev "$(tm2 source --format qemu ssd1:vm-42/disk.0)" ...
+      tm2 source --format libvirt ceph:vm-42/disk.0 > disk.xml   # for virsh attach-device
+    The same JSON is the mount's extended attribute: getfattr -n user.tm2fs.source MNT/B/IMG
+    """
+    data = _client().call("GET", "/v1/images/source", params={"address": image, "dev": dev})
+    if form == "json":
+        click.echo(to_json(data["SOURCE"]))
+    else:
+        click.echo(data["QEMU" if form == "qemu" else "LIBVIRT"].rstrip("\n"))
 
 
 @main.command("break-lease")
@@ -490,7 +553,7 @@ def info(image: str, as_json: bool) -> None:
         return
     print_attributes({k: v for k, v in data.items() if k != "ATTACHMENTS"})
     if data["ATTACHMENTS"]:
-        print_table(data["ATTACHMENTS"], ["ID", "HOST", "PATH", "ON_MOUNT", "CREATED"])
+        print_table(data["ATTACHMENTS"], ["ID", "HOST", "PATH", "ON_MOUNT", "NATIVE", "CREATED"])
 
 
 if __name__ == "__main__":

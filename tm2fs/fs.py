@@ -53,7 +53,7 @@ import pyfuse3
 import trio
 
 from . import metrics
-from .core import Attr, Caller, OpenFile, Service
+from .core import XATTR, Attr, Caller, OpenFile, Service
 from .errors import Tm2Error
 from .names import NAME_MAX
 
@@ -272,6 +272,25 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         with _errors():
             return self.service.readlink(inode).encode()
+
+    @timed
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """`user.tm2fs.source`: the image's native source as JSON (the kernel checked read
+        permission: user.* attributes of regular files need it); no other attribute exists."""
+        value = None
+        if name == XATTR.encode():
+            with _errors():
+                value = self.service.source_xattr(inode, _caller(ctx))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @timed
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        try:
+            return [XATTR.encode()] if self.service.source_xattr(inode, _caller(ctx)) else []
+        except (Tm2Error, OSError):  # a backend in trouble: its images just show no attribute
+            return []
 
     @timed
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:

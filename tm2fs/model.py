@@ -103,6 +103,7 @@ class Attachment:
     link_ino: int | None
     created: float
     uid: int | None = None  # who attached it (None: made before schema version 3)
+    native: bool = False  # the hypervisor uses the image's own path, not the mount
 
 
 @dataclass(frozen=True, slots=True)

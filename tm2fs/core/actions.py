@@ -24,6 +24,7 @@ from .backends import Backends, quietly
 from .images import Images
 from .leases import Leases
 from .namespace import Namespace
+from .native import forms as source_forms
 from .openfiles import OpenFile, OpenFiles
 from .permissions import EXEC, READ, WRITE, check
 from .placing import Placing
@@ -372,28 +373,57 @@ class Actions:
                 f"{address} is not an image")
         return await self.files.open(n.ino, caller, writable=writable, truncate=truncate)
 
-    async def attach(self, address: str, path: str, caller: Caller,
-                     host: str | None = None) -> dict[str, Any]:
-        """Record that an image is in use at a path on a host (the link itself is the caller's)."""
+    async def attach(self, address: str, path: str, caller: Caller, host: str | None = None,
+                     native: bool = False, takeover: bool = False,
+                     dev: str = "vda") -> dict[str, Any]:
+        """Record that an image is in use at a path on a host (the link itself is the caller's).
+
+        `native`: the hypervisor of this host uses the image's own path (`source`), so the
+        caller needs write permission as well (the mount's checks are bypassed) and the backend
+        must take writes; the answer carries the source in every form. `takeover`: a live
+        migration's destination takes the write lease from the host whose attachment holds it
+        (that attachment stays until its host detaches); the caller must be one who could end
+        that attachment."""
         if not path.startswith("/") or "\0" in path:
             raise err.InvalidArgument(f"attach path {path!r} must be absolute")
         b, n = self.image_node(address, caller)
         on = permissions.require_host(caller, host, self.pool.host)
         permissions.require_attach(caller, n, self.pool.nodes.get, address)
-        self.backends.usable(b, write=False)
         image_id = n.image_id
         assert image_id is not None
+        forms: dict[str, Any] = {}
+        if native:
+            if on != self.pool.host:
+                raise err.InvalidArgument(f"a native attachment is made on the host that runs the "
+                                          f"VM, not for {on}", "run tm2 attach --native there")
+            check(caller, n, READ | WRITE)
+            self.backends.usable(b, write=True)
+            forms = source_forms(self._source(b, n, address), image_id, dev)
+        else:
+            self.backends.usable(b, write=False)
         where = posixpath.normpath(path)
 
-        def work(tx: Tx) -> int:
+        def work(tx: Tx) -> tuple[int, str | None]:
             if tx.attachment_at(on, where):
                 raise err.Exists(f"{path} on {on} is already an attachment", "detach it first")
-            self.leases.take_in(tx, image_id, on, address)
-            return tx.insert_attachment(image_id, on, where, uid=caller.uid)
+            taken = None
+            if takeover:
+                current = tx.lease(image_id)
+                if current is not None and current[0] != on:
+                    for a in tx.attachments(image_id=image_id, host=current[0]):
+                        permissions.require_detach(caller, n, a)
+                taken = self.leases.take_over_in(tx, image_id, on, address)
+            else:
+                self.leases.take_in(tx, image_id, on, address)
+            return tx.insert_attachment(image_id, on, where, uid=caller.uid, native=native), taken
 
-        aid = await self.pool.write(work)
-        log.info("attached %s at %s:%s", address, on, path)
-        return {"ID": aid, "IMAGE": address, "HOST": on, "PATH": path}
+        aid, taken = await self.pool.write(work)
+        if taken:
+            log.info("%s: write lease taken over from host %s by %s (live migration)", address,
+                     taken, on)
+        log.info("attached %s at %s:%s%s", address, on, path, " (native)" if native else "")
+        return {"ID": aid, "IMAGE": address, "HOST": on, "PATH": path, "NATIVE": native,
+                "TAKEN_FROM": taken, **forms}
 
     async def detach(self, address: str, path: str, caller: Caller,
                      host: str | None = None) -> None:
@@ -414,6 +444,42 @@ class Actions:
         await self.pool.write(work)
         log.info("detached %s from %s:%s", address, on, path)
 
+    def _source(self, b: Backend, n: Node, address: str) -> dict[str, Any]:
+        """The driver's native source of the image (see `drivers.base.HypervisorSource`)."""
+        self.backends.usable(b, write=False)  # a backend REMOTE here answers what to do instead
+        im = self.pool.images.get(n.image_id) if n.image_id is not None else None
+        try:
+            src = self.backends.runtime(b).driver.source(im.key) if im else None
+        except OSError as e:
+            raise err.BackendUnavailable(f"backend {b.name}: {e.strerror or e}") from None
+        if src is None:
+            raise err.Unsupported(f"{address} has no native path on this host ({b.tm} backend)",
+                                  "reach it through the mount (tm2 attach without --native)")
+        return src
+
+    def source(self, address: str, caller: Caller, dev: str = "vda") -> dict[str, Any]:
+        """How a hypervisor here reaches the image natively, in every form (`core/native.py`);
+        for callers who may read the image."""
+        b, n = self.image_node(address, caller)
+        check(caller, n, READ)
+        assert n.image_id is not None
+        return {"ADDRESS": address, "IMAGE_ID": n.image_id,
+                **source_forms(self._source(b, n, address), n.image_id, dev)}
+
+    def source_of(self, ino: int, caller: Caller) -> dict[str, Any] | None:
+        """The native source of the image at `ino` (the mount's extended attribute); None for
+        what is not an image or has no native path here."""
+        n = self.ns.get(ino)
+        if n is None or n.image_id is None:
+            return None
+        address = self.address_of(ino)
+        b, n = self.image_node(address, caller)
+        check(caller, n, READ)
+        try:
+            return self._source(b, n, address)
+        except (err.Unsupported, err.Remote):
+            return None
+
     def local_path(self, address: str, caller: Caller) -> str | None:
         """Where the image's bytes can be reached on this host without the mount, if anywhere
         (it names the backend's KEY: for callers who may read the image)."""
@@ -431,4 +497,4 @@ class Actions:
 
 def attachment_view(a: Attachment) -> dict[str, Any]:
     return {"ID": a.id, "IMAGE_ID": a.image_id, "HOST": a.host, "PATH": a.path,
-            "ON_MOUNT": a.link_ino is not None, "CREATED": a.created}
+            "ON_MOUNT": a.link_ino is not None, "NATIVE": bool(a.native), "CREATED": a.created}

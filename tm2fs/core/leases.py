@@ -114,6 +114,25 @@ class Leases:
                        "open it read-only, or wait" if alive else
                        f"if {current[0]} is dead: `tm2 break-lease` (logged), then retry")
 
+    def take_over_in(self, tx: Tx, image_id: int, holder: str, name: str) -> str | None:
+        """Hand the write lease to `holder` from the host that holds it for an attachment (a live
+        migration: the VM's source host keeps its attachment until it detaches, the destination
+        writes from now on); the host it was taken from, or None if there was nothing to take.
+        A lease held only by open files (no attachment there) is not handed over: that host
+        is writing through its mount, not running the VM being migrated."""
+        if not self.enabled:
+            return None
+        current = tx.lease(image_id)
+        if current is None or current[0] == holder:
+            self.take_in(tx, image_id, holder, name)
+            return None
+        if not tx.attachments(image_id=image_id, host=current[0]):
+            raise err.Busy(f"{name} is written on host {current[0]} by open files, not an "
+                           "attachment: there is no VM to take over", "close it there first")
+        tx.delete_lease(image_id, current[0])
+        tx.insert_lease(image_id, holder)
+        return current[0]
+
     def not_elsewhere_in(self, tx: Tx, image_id: int, name: str) -> None:
         """Resizing or deleting an image another host writes would pull it from under it."""
         if self.enabled:

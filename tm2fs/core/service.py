@@ -24,6 +24,7 @@ from .backends import Backends
 from .images import Images
 from .leases import Leases
 from .namespace import Namespace
+from .native import xattr_value
 from .openfiles import OpenFile, OpenFiles
 from .placing import Placing
 from .pool import Listener, Pool
@@ -275,9 +276,10 @@ class Service:
     async def abort_upload(self, up: Upload) -> None:
         await self.actions.abort_upload(up)
 
-    async def attach(self, address: str, path: str, caller: Caller,
-                     host: str | None = None) -> dict[str, Any]:
-        return await self.actions.attach(address, path, caller, host)
+    async def attach(self, address: str, path: str, caller: Caller, host: str | None = None,
+                     native: bool = False, takeover: bool = False,
+                     dev: str = "vda") -> dict[str, Any]:
+        return await self.actions.attach(address, path, caller, host, native, takeover, dev)
 
     async def detach(self, address: str, path: str, caller: Caller,
                      host: str | None = None) -> None:
@@ -285,6 +287,14 @@ class Service:
 
     def local_path(self, address: str, caller: Caller) -> str | None:
         return self.actions.local_path(address, caller)
+
+    def source(self, address: str, caller: Caller, dev: str = "vda") -> dict[str, Any]:
+        return self.actions.source(address, caller, dev)
+
+    def source_xattr(self, ino: int, caller: Caller) -> bytes | None:
+        """The mount's `user.tm2fs.source` of `ino`, or None where it has none."""
+        src = self.actions.source_of(ino, caller)
+        return None if src is None else xattr_value(src)
 
     # ------------------------------------------------------------------ recovery
 

@@ -4,7 +4,8 @@ split theirs. The methods of the protocols below are the checklist.
 - Core, every driver: `Storage` (validate, start/stop, monitor, allocate, delete, keys, open) and
   the `Handle` that open returns.
 - Optional: `Sized` (size), `Resizable` (resize), `Cloning` (clone; `cheap_clone` says whether it
-  shares blocks), `NativeSource` (local_path: where the bytes are on this host).
+  shares blocks), `NativeSource` (local_path: where the bytes are on this host), `HypervisorSource`
+  (source: how a hypervisor here reaches the image without tm2fs, for `tm2 source` / attach --native).
 - `allocated`: the bytes an image really holds (st_blocks, so `du` and `cp --sparse` see holes);
   None, the default, when the driver cannot say.
 
@@ -244,7 +245,17 @@ class NativeSource(Protocol):
         ...
 
 
-class Driver(Storage, Sized, Resizable, Cloning, NativeSource):
+class HypervisorSource(Protocol):
+    def source(self, key: str) -> dict[str, Any] | None:
+        """How a hypervisor on this host reaches the image natively, with no tm2fs in the data
+        path; None: through the mount only. One of {"type": "file", "path"}, {"type": "rbd",
+        "pool", "namespace", "image", "monitors": [{"host", "port"}], "client_id", "keyring",
+        "conf"} or {"type": "iscsi", "portal", "host", "port", "iqn", "lun", "initiator", "chap"}
+        (core/native.py renders them for qemu and libvirt). No I/O: it runs on the trio thread."""
+        ...
+
+
+class Driver(Storage, Sized, Resizable, Cloning, NativeSource, HypervisorSource):
     """What a driver subclasses: the core as abstract methods, every optional capability refused."""
 
     cheap_clone: ClassVar[bool] = False
@@ -275,8 +286,11 @@ class Driver(Storage, Sized, Resizable, Cloning, NativeSource):
         it is a hint, so a driver may answer at its own granularity (whole RBD objects)."""
         return None
 
+    def source(self, key: str) -> dict[str, Any] | None:
+        return None
 
-OPTIONAL: tuple[type, ...] = (Sized, Resizable, Cloning, NativeSource)
+
+OPTIONAL: tuple[type, ...] = (Sized, Resizable, Cloning, NativeSource, HypervisorSource)
 
 
 def supports(driver: Driver | type[Driver], capability: type) -> bool:

@@ -220,6 +220,9 @@ class DirDriver(Driver):
     def local_path(self, key: str) -> str:
         return str(self._path(key))
 
+    def source(self, key: str) -> dict[str, Any]:
+        return {"type": "file", "path": str(self._path(key))}
+
 
 def _clone_file(src: Path, dst: Path, progress: Progress | None) -> None:
     """Reflink if the filesystem can, else copy only the data extents; the result is fsynced."""

@@ -407,6 +407,11 @@ class LegacyDriver(Driver):
     def local_path(self, key: str) -> str | None:
         return self._path(key) if self.local else None
 
+    def source(self, key: str) -> dict[str, Any] | None:
+        """The file itself when HOST is this host (a VM then bypasses the scripts: they copy
+        whole images, and nothing else writes it while the VM holds the lease)."""
+        return {"type": "file", "path": self._path(check_key(key, "legacy"))} if self.local else None
+
 
 class StagingHandle(InlineHandle):
     """An open image: a local staging copy, pushed back to the host by flush and close."""

@@ -95,6 +95,8 @@ attachment = sa.Table(
     sa.Column("link_ino", sa.BigInteger),  # the symlink on the mount that made it, if any
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("uid", sa.Integer),  # who attached it: they, the image's owner or root detach it
+    # the hypervisor uses the image's own path (tm2 attach --native), not the mount
+    sa.Column("native", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.UniqueConstraint("host", "path", name="attachment_host_path"),
 )
 
@@ -167,11 +169,13 @@ def _v3_to_v4(c: sa.Connection) -> None:
 
 def _v4_to_v5(c: sa.Connection) -> None:
     """Row versions, so hosts can apply the rows a change notification carries in any order they
-    hear them; the clusters each host places in."""
+    hear them; the clusters each host places in; whether an attachment's hypervisor reaches the
+    image natively (older ones: through the mount, as they all did)."""
     for table, column, kind, default in (("namespace", "ver", "BIGINT", "0"),
                                          ("image", "ver", "BIGINT", "0"),
                                          ("storagebackend_pool", "ver", "BIGINT", "0"),
-                                         ("host", "clusters", "TEXT", """'["default"]'""")):
+                                         ("host", "clusters", "TEXT", """'["default"]'"""),
+                                         ("attachment", "native", "BOOLEAN", "false")):
         if column not in {col["name"] for col in sa.inspect(c).get_columns(table)}:
             c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind} NOT NULL "
                               f"DEFAULT {default}")

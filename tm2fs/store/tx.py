@@ -33,7 +33,7 @@ from .schema import (
 NODE_COLS = ("ino, parent, name, backend_id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target, "
              "image_id, ver")  # Node's field order
 IMAGE_COLS = 'id, backend_id, "key", size, created, ver'  # Image's
-ATTACHMENT_COLS = "id, image_id, host, path, link_ino, created, uid"  # Attachment's
+ATTACHMENT_COLS = "id, image_id, host, path, link_ino, created, uid, native"  # Attachment's
 CHUNK = 500  # ids per IN (...) list
 _PG: dict[str, str] = {}  # SQL with ? -> with %s
 
@@ -516,10 +516,11 @@ class Tx:
         return Attachment(*row) if row else None
 
     def insert_attachment(self, image_id: int, host: str, path: str,
-                          link_ino: int | None = None, uid: int | None = None) -> int:
+                          link_ino: int | None = None, uid: int | None = None,
+                          native: bool = False) -> int:
         return self._insert(attachment.insert().values(
             image_id=image_id, host=host, path=path, link_ino=link_ino, created=time.time(),
-            uid=uid))
+            uid=uid, native=native))
 
     def set_attachment_path(self, attachment_id: int, path: str) -> None:
         self.c.execute(attachment.update().where(attachment.c.id == attachment_id).values(path=path))

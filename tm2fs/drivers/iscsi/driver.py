@@ -22,7 +22,7 @@ from .handle import BlockHandle, IscsiHandle
 from .libiscsi import Session, SessionCount
 from .lio import LioTargets
 from .runner import Runner
-from .settings import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Settings, check_key, initiator_name, round_up
+from .settings import DEFAULT_PREFIX, DEFAULT_TIMEOUT, LUN, Settings, check_key, initiator_name, round_up
 from .targets import Targets
 from .tgt import TgtTargets
 
@@ -210,3 +210,9 @@ class IscsiDriver(Driver):
 
     def local_path(self, key: str) -> str | None:
         return None
+
+    def source(self, key: str) -> dict[str, Any]:
+        """The image's own target, as this daemon's initiator logs in to it (a hypervisor uses
+        that initiator name, which INITIATORS lets in). No CHAP: the driver sets none."""
+        return {"type": "iscsi", "portal": self.s.portal, "host": self.s.host, "port": self.s.port,
+                "iqn": self.s.iqn(key), "lun": LUN, "initiator": self.initiator, "chap": None}

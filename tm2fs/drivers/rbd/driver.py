@@ -23,7 +23,7 @@ from ..base import Capacity, Driver, Handle, Progress
 from ..threads import in_thread, open_in_thread
 from .ceph import CLONE_SNAP, KEY_RE, T, call, check_key, features, os_error, rados, rbd
 from .handle import RbdHandle
-from .settings import Settings, check, connect
+from .settings import Settings, check, connect, monitors
 
 
 class RbdDriver(Driver):
@@ -69,6 +69,16 @@ class RbdDriver(Driver):
             cluster.shutdown()
 
         await self._run(shutdown)
+
+    def source(self, key: str) -> dict[str, Any]:
+        """The image as librbd names it, with what a client needs to reach the cluster: the
+        monitors as this connection knows them (in memory: no I/O), the Ceph user and keyring."""
+        check_key(key)
+        if self.cluster is None:
+            raise OSError(errno.ENOTCONN, f"rbd driver: not connected to pool {self.s.pool!r}")
+        return {"type": "rbd", "pool": self.s.pool, "namespace": self.s.namespace or None,
+                "image": key, "monitors": monitors(self.cluster.conf_get("mon_host") or ""),
+                "client_id": self.s.client_id, "keyring": self.s.keyring, "conf": self.s.conf_file}
 
     def _io(self) -> Any:
         if self.ioctx is None:

@@ -122,6 +122,21 @@ def check(tm_raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MON_RE = re.compile(r"(?:(v[12]):)?(\[[0-9A-Fa-f:.]+\]|[^\s,;\[\]/:]+)(?::(\d{1,5}))?(?:/\d+)?")
+
+
+def monitors(mon_host: str) -> list[dict[str, Any]]:
+    """`mon_host` as librados has it (`[v2:10.0.0.1:3300/0,v1:10.0.0.1:6789/0],10.0.0.2`, names
+    or addresses) as one entry per monitor host, its first address: host, port (None: librados's
+    defaults), protocol (v1, v2, or None: librados decides from the port)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in MON_RE.finditer(mon_host):
+        host = m.group(2).strip("[]")
+        out.setdefault(host, {"host": host, "port": int(m.group(3)) if m.group(3) else None,
+                              "protocol": m.group(1)})
+    return list(out.values())
+
+
 def connect(s: Settings) -> tuple[Any, Any]:
     """(cluster, ioctx) of the backend's pool and namespace; blocks up to about `s.timeout`.
     A failure is an OSError saying what is missing or refused, and how to fix it."""
