@@ -46,6 +46,7 @@ RUNS = 5
 SECONDS = 1.0  # each run's length, roughly: its count comes from a short calibration run
 JOBS = [  # label, buffer, step, calibration count, depth, write
     ("read 4K QD1", "4K", "68K", 500, 1, False),
+    ("write 4K QD1", "4K", "68K", 500, 1, True),
     ("read 4K QD32", "4K", "68K", 2000, 32, False),
     ("write 4K QD32", "4K", "68K", 2000, 32, True),
     ("seq read 1M QD1", "1M", "1M", 64, 1, False),
