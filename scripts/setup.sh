@@ -25,6 +25,14 @@ done
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # The services these packages would start (PostgreSQL, PgBouncer, tgtd, libvirtd...) are not
+  # ours to run: the tests start their own, on their own ports and sockets, and a system
+  # libvirtd found running would be used with its own qemu.conf. policy-rc.d says "not now".
+  policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
