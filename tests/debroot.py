@@ -1,0 +1,114 @@
+"""A fresh Debian root made with mmdebstrap, entered with chroot, for the package tests.
+
+`debian_tarball` makes (or finds in `.cache/debian/`) a root of the `apt` variant plus systemd,
+with everything a given .deb needs already downloaded into apt's cache and the package lists
+kept: a test then installs the .deb with apt, Depends resolved as on any machine, but without the
+network. The cache is keyed by day and by the .deb's Depends/Recommends, so a re-run the same day
+is quick and a change of dependencies makes a new one.
+
+`DebianRoot` unpacks one, mounts /proc, /sys and /dev in it, and always takes every mount under it
+down again (the FUSE mount included) before the directory is removed; it refuses to remove a
+directory that still has anything mounted under it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tm2fs.mounts import mounts
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "debian"
+MIRROR = "http://deb.debian.org/debian"
+SECURITY = "http://deb.debian.org/debian-security"
+RECOMMENDS = "-oAPT::Install-Recommends=true"  # as on an admin's machine (mmdebstrap turns it off)
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
+       "DEBIAN_FRONTEND": "noninteractive"}
+
+
+def retry(argv: list[str], tries: int = 3, timeout: float = 1800, **kwargs: object) -> None:
+    """Run a download-heavy command, again after a pause if it fails (a mirror's bad minute)."""
+    for attempt in range(1, tries + 1):
+        result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, **kwargs)
+        if result.returncode == 0:
+            return
+        if attempt == tries:
+            raise AssertionError(f"{argv[0]} failed {tries} times:\n"
+                                 f"{result.stdout.decode(errors='replace')[-3000:]}\n"
+                                 f"{result.stderr.decode(errors='replace')[-3000:]}")
+        time.sleep(15 * attempt)
+
+
+def debian_tarball(suite: str, deb: Path) -> Path:
+    fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends", "Recommends"], capture_output=True,
+                            check=True).stdout
+    key = hashlib.sha256(fields + b"apt+systemd+recommends").hexdigest()[:12]
+    tarball = CACHE / f"{suite}-{datetime.date.today():%Y%m%d}-{key}.tar"
+    if tarball.exists():
+        return tarball
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = tarball.with_name(tarball.name + ".partial")
+    retry(["mmdebstrap", "--variant=apt", "--format=tar", "--include=systemd", "--skip=cleanup/apt",
+           "--customize-hook", f'copy-in "{deb}" /tmp',
+           "--customize-hook", f'chroot "$1" apt-get install -y --download-only {RECOMMENDS} /tmp/{deb.name}',
+           suite, str(partial),
+           f"deb {MIRROR} {suite} main", f"deb {MIRROR} {suite}-updates main",
+           f"deb {SECURITY} {suite}-security main"], env={**os.environ, **ENV})
+    for old in CACHE.glob(f"{suite}-*.tar"):  # one root per suite is kept
+        old.unlink()
+    partial.rename(tarball)
+    return tarball
+
+
+def mounted_under(path: Path) -> list[bytes]:
+    top = os.fsencode(os.path.realpath(path))
+    return [m.point for m in mounts() if m.point == top or m.point.startswith(top + b"/")]
+
+
+class DebianRoot:
+    def __init__(self, tarball: Path, path: Path) -> None:
+        self.path = path
+        path.mkdir()
+        subprocess.run(["tar", "-C", str(path), "-xf", str(tarball)], check=True, timeout=600)
+        try:
+            subprocess.run(["mount", "-t", "proc", "proc", str(path / "proc")], check=True)
+            for api in ("sys", "dev"):
+                subprocess.run(["mount", "--bind", f"/{api}", str(path / api)], check=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, *argv: str, input: bytes | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        """ARGV inside the root; its output kept, its status not checked."""
+        return subprocess.run(["chroot", str(self.path), *argv], input=input, capture_output=True,
+                              timeout=timeout, check=False, env={**ENV, **(env or {})})
+
+    def ok(self, *argv: str, **kwargs: object) -> str:
+        result = self.run(*argv, **kwargs)  # type: ignore[arg-type]
+        assert result.returncode == 0, (argv, result.stdout.decode(errors="replace")[-3000:],
+                                        result.stderr.decode(errors="replace")[-3000:])
+        return result.stdout.decode()
+
+    def popen(self, *argv: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["chroot", str(self.path), *argv], env={**ENV, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def close(self) -> None:
+        """Every mount under the root down (deepest first, lazily if busy), then the files."""
+        for _ in range(3):
+            for point in sorted(mounted_under(self.path), key=len, reverse=True):
+                if subprocess.run([b"umount", point], capture_output=True).returncode != 0:
+                    subprocess.run([b"umount", b"-l", point], capture_output=True)
+            if not mounted_under(self.path):
+                break
+            time.sleep(1)
+        left = mounted_under(self.path)
+        assert not left, f"still mounted, {self.path} is left in place: {left}"
+        shutil.rmtree(self.path, ignore_errors=True)

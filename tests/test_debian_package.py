@@ -1,0 +1,126 @@
+"""The Debian package, as an admin meets it: built from this tree with Debian's tooling
+(scripts/build-deb.sh), installed with apt into fresh Debian 12 and 13 roots (mmdebstrap), the
+daemon started there as its systemd unit says, the tree mounted, the eleven TM2 actions run with
+the installed `tm2`, and a clean stop unmounting it. See tests/debroot.py for the roots.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.debroot import RECOMMENDS, REPO, DebianRoot, debian_tarball
+from tm2fs.mounts import is_mounted
+
+pytestmark = [pytest.mark.slow, pytest.mark.debian, pytest.mark.mount]
+MiB = 1024 * 1024
+# what each release runs with: Debian 12's trio, SQLAlchemy, psycopg and httpx are too old
+RUNS_WITH = {"bookworm": "vendor trio SQLAlchemy psycopg httpx", "trixie": "system"}
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
+    out = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), str(dist)], capture_output=True,
+                         timeout=1200, check=False)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+    return Path(out.stdout.decode().split()[-1])
+
+
+@pytest.fixture(params=["bookworm", "trixie"])
+def root(request: pytest.FixtureRequest, deb: Path, tmp_path: Path) -> Iterator[DebianRoot]:
+    tree = DebianRoot(debian_tarball(request.param, deb), tmp_path / "root")
+    try:
+        tree.suite = request.param  # type: ignore[attr-defined]
+        (tree.path / "tmp" / deb.name).write_bytes(deb.read_bytes())
+        yield tree
+    finally:
+        tree.close()
+
+
+def exec_start(tree: DebianRoot) -> list[str]:
+    unit = (tree.path / "lib/systemd/system/tm2fs.service").read_text()
+    lines = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].removeprefix("ExecStart="))
+
+
+def ready(notify: socket.socket, daemon: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for the daemon's READY=1 on NOTIFY_SOCKET, as systemd does for Type=notify."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert daemon.poll() is None, daemon.stdout.read().decode(errors="replace")  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "no READY=1 in time"
+        try:
+            if b"READY=1" in notify.recv(4096).split(b"\n"):
+                return
+        except TimeoutError:
+            pass
+
+
+def test_the_package_installs_and_serves_on_a_fresh_root(root: DebianRoot, deb: Path) -> None:
+    root.ok("apt-get", "install", "-y", RECOMMENDS, f"/tmp/{deb.name}", timeout=900)
+    # the libraries the programs run with, and the unit as this release's systemd reads it
+    assert root.ok("python3", "/usr/lib/tm2fs/launcher.py").split() == RUNS_WITH[root.suite].split()  # type: ignore[attr-defined]
+    root.ok("systemd-analyze", "verify", "/lib/systemd/system/tm2fs.service")
+    exposure = root.ok("systemd-analyze", "security", "--offline=yes",
+                       "/lib/systemd/system/tm2fs.service").strip().splitlines()[-1]
+    print(f"{root.suite}: {exposure}")  # type: ignore[attr-defined]
+    argv = exec_start(root)
+    assert argv[0] == "/usr/bin/tm2fs" and os.access(root.path / argv[0].lstrip("/"), os.X_OK)
+    mnt = root.path / argv[-1].lstrip("/")
+    (root.path / "run" / "tm2fs").mkdir(exist_ok=True)  # the unit's RuntimeDirectory=
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(root.path / "run" / "notify.sock"))
+        notify.settimeout(0.5)
+        daemon = root.popen(*argv, env={"NOTIFY_SOCKET": "/run/notify.sock"})
+        try:
+            ready(notify, daemon, timeout=120)
+            assert is_mounted(mnt)  # in the host's mount table: the mount is not the service's own
+            run_the_eleven_actions(root, argv[-1])
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(90) == 0, daemon.stdout.read().decode(errors="replace")  # type: ignore[union-attr]
+            assert not is_mounted(mnt)  # a clean stop unmounts
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(30)
+
+
+def run_the_eleven_actions(root: DebianRoot, mnt: str) -> None:
+    env = {"TM2FS_SOCKET": "/run/tm2fs/tm2fs.sock"}
+
+    def tm2(*args: str, input: bytes | None = None) -> str:
+        return root.ok("tm2", *args, input=input, env=env, timeout=60)
+
+    assert root.ok("onestoragebackend", "list", "-l", "NAME,STATE,TM", "--no-header",
+                   env=env).split() == ["local", "READY", "dir"]
+    data = os.urandom(MiB) + bytes(MiB)
+    (root.path / "tmp" / "src.img").write_bytes(data)
+    tm2("push", "/tmp/src.img", "local:base.img")  # push
+    tm2("get", "local:base.img", "/tmp/got.img")  # get
+    assert (root.path / "tmp" / "got.img").read_bytes() == data
+    tm2("clone", "local:base.img", "local:copy.img")  # clone
+    assert tm2("get-size", "local:copy.img").strip() == str(2 * MiB)  # get-size
+    assert root.ok("cmp", f"{mnt}/local/copy.img", "/tmp/src.img") == ""  # through the mount
+    tm2("allocate", "local:new.img", "4M")  # allocate
+    tm2("resize", "local:new.img", "8M")  # resize
+    assert os.stat(root.path / mnt.lstrip("/") / "local" / "new.img").st_size == 8 * MiB
+    tm2("write", "local:new.img", input=data)  # write
+    assert root.run("tm2", "read", "local:new.img", env=env).stdout == data  # read
+    root.ok("mkdir", "-p", "/srv/vm-7")
+    tm2("attach", "local:copy.img", "/srv/vm-7/disk.0")  # attach
+    assert root.ok("cmp", "/srv/vm-7/disk.0", "/tmp/src.img") == ""
+    assert root.run("tm2", "delete", "local:copy.img", env=env).returncode != 0  # attached: refused
+    tm2("detach", "local:copy.img", "/srv/vm-7/disk.0")  # detach
+    assert not os.path.lexists(root.path / "srv" / "vm-7" / "disk.0")
+    tm2("delete", "local:copy.img")  # delete
+    assert sorted(os.listdir(root.path / mnt.lstrip("/") / "local")) == ["base.img", "new.img"]
