@@ -32,10 +32,10 @@ ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/roo
        "DEBIAN_FRONTEND": "noninteractive"}
 
 
-def retry(argv: list[str], tries: int = 3, timeout: float = 1800, **kwargs: object) -> None:
+def retry(argv: list[str], env: dict[str, str], tries: int = 3, timeout: float = 1800) -> None:
     """Run a download-heavy command, again after a pause if it fails (a mirror's bad minute)."""
     for attempt in range(1, tries + 1):
-        result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, **kwargs)
+        result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, env=env)
         if result.returncode == 0:
             return
         if attempt == tries:
@@ -72,8 +72,8 @@ def mounted_under(path: Path) -> list[bytes]:
 
 
 class DebianRoot:
-    def __init__(self, tarball: Path, path: Path) -> None:
-        self.path = path
+    def __init__(self, suite: str, tarball: Path, path: Path) -> None:
+        self.suite, self.path = suite, path
         path.mkdir()
         subprocess.run(["tar", "-C", str(path), "-xf", str(tarball)], check=True, timeout=600)
         try:
@@ -90,15 +90,19 @@ class DebianRoot:
         return subprocess.run(["chroot", str(self.path), *argv], input=input, capture_output=True,
                               timeout=timeout, check=False, env={**ENV, **(env or {})})
 
-    def ok(self, *argv: str, **kwargs: object) -> str:
-        result = self.run(*argv, **kwargs)  # type: ignore[arg-type]
+    def ok(self, *argv: str, input: bytes | None = None, timeout: float = 120,
+           env: dict[str, str] | None = None) -> str:
+        """ARGV inside the root, which must succeed; its standard output."""
+        result = self.run(*argv, input=input, timeout=timeout, env=env)
         assert result.returncode == 0, (argv, result.stdout.decode(errors="replace")[-3000:],
                                         result.stderr.decode(errors="replace")[-3000:])
         return result.stdout.decode()
 
-    def popen(self, *argv: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["chroot", str(self.path), *argv], env={**ENV, **env},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def popen(self, *argv: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        """ARGV inside the root in the background, its output to LOG (a pipe could fill up)."""
+        with open(log, "wb") as out:
+            return subprocess.Popen(["chroot", str(self.path), *argv], env={**ENV, **env},
+                                    stdout=out, stderr=subprocess.STDOUT)
 
     def close(self) -> None:
         """Every mount under the root down (deepest first, lazily if busy), then the files."""

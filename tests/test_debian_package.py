@@ -37,9 +37,8 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(params=["bookworm", "trixie"])
 def root(request: pytest.FixtureRequest, deb: Path, tmp_path: Path) -> Iterator[DebianRoot]:
-    tree = DebianRoot(debian_tarball(request.param, deb), tmp_path / "root")
+    tree = DebianRoot(request.param, debian_tarball(request.param, deb), tmp_path / "root")
     try:
-        tree.suite = request.param  # type: ignore[attr-defined]
         (tree.path / "tmp" / deb.name).write_bytes(deb.read_bytes())
         yield tree
     finally:
@@ -53,11 +52,11 @@ def exec_start(tree: DebianRoot) -> list[str]:
     return shlex.split(lines[0].removeprefix("ExecStart="))
 
 
-def ready(notify: socket.socket, daemon: subprocess.Popen[bytes], timeout: float) -> None:
+def ready(notify: socket.socket, daemon: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
     """Wait for the daemon's READY=1 on NOTIFY_SOCKET, as systemd does for Type=notify."""
     deadline = time.monotonic() + timeout
     while True:
-        assert daemon.poll() is None, daemon.stdout.read().decode(errors="replace")  # type: ignore[union-attr]
+        assert daemon.poll() is None, log.read_text(errors="replace")
         assert time.monotonic() < deadline, "no READY=1 in time"
         try:
             if b"READY=1" in notify.recv(4096).split(b"\n"):
@@ -66,14 +65,15 @@ def ready(notify: socket.socket, daemon: subprocess.Popen[bytes], timeout: float
             pass
 
 
-def test_the_package_installs_and_serves_on_a_fresh_root(root: DebianRoot, deb: Path) -> None:
+def test_the_package_installs_and_serves_on_a_fresh_root(root: DebianRoot, deb: Path,
+                                                         tmp_path: Path) -> None:
     root.ok("apt-get", "install", "-y", RECOMMENDS, f"/tmp/{deb.name}", timeout=900)
     # the libraries the programs run with, and the unit as this release's systemd reads it
-    assert root.ok("python3", "/usr/lib/tm2fs/launcher.py").split() == RUNS_WITH[root.suite].split()  # type: ignore[attr-defined]
+    assert root.ok("python3", "/usr/lib/tm2fs/launcher.py").split() == RUNS_WITH[root.suite].split()
     root.ok("systemd-analyze", "verify", "/lib/systemd/system/tm2fs.service")
     exposure = root.ok("systemd-analyze", "security", "--offline=yes",
                        "/lib/systemd/system/tm2fs.service").strip().splitlines()[-1]
-    print(f"{root.suite}: {exposure}")  # type: ignore[attr-defined]
+    print(f"{root.suite}: {exposure}")
     argv = exec_start(root)
     assert argv[0] == "/usr/bin/tm2fs" and os.access(root.path / argv[0].lstrip("/"), os.X_OK)
     mnt = root.path / argv[-1].lstrip("/")
@@ -81,13 +81,14 @@ def test_the_package_installs_and_serves_on_a_fresh_root(root: DebianRoot, deb: 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(root.path / "run" / "notify.sock"))
         notify.settimeout(0.5)
-        daemon = root.popen(*argv, env={"NOTIFY_SOCKET": "/run/notify.sock"})
+        log = tmp_path / "daemon.log"
+        daemon = root.popen(*argv, env={"NOTIFY_SOCKET": "/run/notify.sock"}, log=log)
         try:
-            ready(notify, daemon, timeout=120)
+            ready(notify, daemon, log, timeout=120)
             assert is_mounted(mnt)  # in the host's mount table: the mount is not the service's own
             run_the_eleven_actions(root, argv[-1])
             daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(90) == 0, daemon.stdout.read().decode(errors="replace")  # type: ignore[union-attr]
+            assert daemon.wait(90) == 0, log.read_text(errors="replace")
             assert not is_mounted(mnt)  # a clean stop unmounts
         finally:
             if daemon.poll() is None:
