@@ -6,9 +6,9 @@ kept: a test then installs the .deb with apt, Depends resolved as on any machine
 network. The cache is keyed by day and by the .deb's Depends/Recommends, so a re-run the same day
 is quick and a change of dependencies makes a new one.
 
-`DebianRoot` unpacks one, mounts /proc, /sys and /dev in it, and always takes every mount under it
-down again (the FUSE mount included) before the directory is removed; it refuses to remove a
-directory that still has anything mounted under it.
+`DebianRoot` unpacks one, mounts /proc, /sys and a /dev of its own in it, and always takes every
+mount under it down again (the FUSE mount included) before the directory is removed; it refuses
+to remove a directory that still has anything mounted under it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "debian"
 MIRROR = "http://deb.debian.org/debian"
 SECURITY = "http://deb.debian.org/debian-security"
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty", "fuse")
+LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+         "stderr": "/proc/self/fd/2"}
 RECOMMENDS = "-oAPT::Install-Recommends=true"  # as on an admin's machine (mmdebstrap turns it off)
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
        "DEBIAN_FRONTEND": "noninteractive"}
@@ -54,6 +57,7 @@ def debian_tarball(suite: str, deb: Path) -> Path:
         return tarball
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(tarball.name + ".partial")
+    partial.unlink(missing_ok=True)  # an interrupted run's
     retry(["mmdebstrap", "--variant=apt", "--format=tar", "--include=systemd", "--skip=cleanup/apt",
            "--customize-hook", f'copy-in "{deb}" /tmp',
            "--customize-hook", f'chroot "$1" apt-get install -y --download-only {RECOMMENDS} /tmp/{deb.name}',
@@ -77,12 +81,30 @@ class DebianRoot:
         path.mkdir()
         subprocess.run(["tar", "-C", str(path), "-xf", str(tarball)], check=True, timeout=600)
         try:
-            subprocess.run(["mount", "-t", "proc", "proc", str(path / "proc")], check=True)
-            for api in ("sys", "dev"):
-                subprocess.run(["mount", "--bind", f"/{api}", str(path / api)], check=True)
+            self._mount_api_filesystems()
         except BaseException:
             self.close()
             raise
+
+    def _mount_api_filesystems(self) -> None:
+        """Fresh proc and sysfs, and a /dev of its own (a tmpfs with the host's device nodes bound
+        one by one): nothing of the host's /dev tree is reachable through the root, so even a
+        leftover mount under a temporary directory can never let a removal reach the host's."""
+        def mount(*argv: str) -> None:
+            subprocess.run(["mount", *argv], check=True, capture_output=True)
+
+        mount("-t", "proc", "proc", str(self.path / "proc"))
+        mount("-t", "sysfs", "sysfs", str(self.path / "sys"))
+        dev = self.path / "dev"
+        mount("-t", "tmpfs", "-o", "mode=0755,nosuid", "tmpfs", str(dev))
+        for name in DEVICES:
+            (dev / name).touch()
+            mount("--bind", f"/dev/{name}", str(dev / name))
+        for name, target in LINKS.items():
+            (dev / name).symlink_to(target)
+        (dev / "pts").mkdir()
+        (dev / "shm").mkdir()
+        (dev / "shm").chmod(0o1777)
 
     def run(self, *argv: str, input: bytes | None = None, timeout: float = 120,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
