@@ -13,7 +13,7 @@ PACKAGES=(
   postgresql sqlite3 procps psmisc                              # the pool store's engines
   tgt libiscsi-bin qemu-block-extra                             # iSCSI: userspace target, initiator
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd rbd-fuse  # Ceph: test cluster
-  mmdebstrap                                # fresh Debian roots for the package test
+  mmdebstrap systemd-container              # fresh Debian roots for the package test, booted
 )
 
 missing=()

@@ -13,10 +13,12 @@ to remove a directory that still has anything mounted under it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -75,11 +77,38 @@ def mounted_under(path: Path) -> list[bytes]:
     return [m.point for m in mounts() if m.point == top or m.point.startswith(top + b"/")]
 
 
-class DebianRoot:
+def unpack(tarball: Path, path: Path) -> None:
+    path.mkdir()
+    subprocess.run(["tar", "-C", str(path), "-xf", str(tarball)], check=True, timeout=600)
+
+
+class Commands:
+    """Commands run inside a root, through PREFIX (chroot or nsenter)."""
+
+    prefix: list[str]
+
+    def run(self, *argv: str, input: bytes | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        """ARGV inside the root; its output kept, its status not checked."""
+        return subprocess.run([*self.prefix, *argv], input=input, capture_output=True,
+                              timeout=timeout, check=False, env={**ENV, **(env or {})})
+
+    def ok(self, *argv: str, input: bytes | None = None, timeout: float = 120,
+           env: dict[str, str] | None = None) -> str:
+        """ARGV inside the root, which must succeed; its standard output."""
+        result = self.run(*argv, input=input, timeout=timeout, env=env)
+        assert result.returncode == 0, (argv, result.stdout.decode(errors="replace")[-3000:],
+                                        result.stderr.decode(errors="replace")[-3000:])
+        return result.stdout.decode()
+
+
+class DebianRoot(Commands):
+    """An unpacked root entered with chroot."""
+
     def __init__(self, suite: str, tarball: Path, path: Path) -> None:
         self.suite, self.path = suite, path
-        path.mkdir()
-        subprocess.run(["tar", "-C", str(path), "-xf", str(tarball)], check=True, timeout=600)
+        self.prefix = ["chroot", str(path)]
+        unpack(tarball, path)
         try:
             self._mount_api_filesystems()
         except BaseException:
@@ -106,24 +135,10 @@ class DebianRoot:
         (dev / "shm").mkdir()
         (dev / "shm").chmod(0o1777)
 
-    def run(self, *argv: str, input: bytes | None = None, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        """ARGV inside the root; its output kept, its status not checked."""
-        return subprocess.run(["chroot", str(self.path), *argv], input=input, capture_output=True,
-                              timeout=timeout, check=False, env={**ENV, **(env or {})})
-
-    def ok(self, *argv: str, input: bytes | None = None, timeout: float = 120,
-           env: dict[str, str] | None = None) -> str:
-        """ARGV inside the root, which must succeed; its standard output."""
-        result = self.run(*argv, input=input, timeout=timeout, env=env)
-        assert result.returncode == 0, (argv, result.stdout.decode(errors="replace")[-3000:],
-                                        result.stderr.decode(errors="replace")[-3000:])
-        return result.stdout.decode()
-
     def popen(self, *argv: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         """ARGV inside the root in the background, its output to LOG (a pipe could fill up)."""
         with open(log, "wb") as out:
-            return subprocess.Popen(["chroot", str(self.path), *argv], env={**ENV, **env},
+            return subprocess.Popen([*self.prefix, *argv], env={**ENV, **env},
                                     stdout=out, stderr=subprocess.STDOUT)
 
     def close(self) -> None:
@@ -137,4 +152,62 @@ class DebianRoot:
             time.sleep(1)
         left = mounted_under(self.path)
         assert not left, f"still mounted, {self.path} is left in place: {left}"
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class BootedRoot(Commands):
+    """An unpacked root booted with systemd-nspawn: its own systemd as PID 1, entered with
+    nsenter. Every mount it makes lives in its own namespaces and goes with it."""
+
+    def __init__(self, suite: str, tarball: Path, path: Path, log: Path) -> None:
+        self.suite, self.path = suite, path
+        unpack(tarball, path)
+        with open(log, "wb") as out:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "--quiet", "-D", str(path), "--boot", "--register=no",
+                 "--keep-unit", "--bind=/dev/fuse", "--console=read-only",
+                 "--timezone=off"],  # a bound /etc/localtime fails tzdata's postinst
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.init = 0
+        try:
+            self.init = self._init_pid(log)
+            self.prefix = ["nsenter", "-t", str(self.init), "-a"]
+            self._wait_booted(log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_pid(self, log: Path, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.nspawn.poll() is None, log.read_text(errors="replace")
+            children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text()
+            if children.split():
+                return int(children.split()[0])
+            assert time.monotonic() < deadline, "systemd-nspawn started no init"
+            time.sleep(0.5)
+
+    def _wait_booted(self, log: Path, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.nspawn.poll() is None, log.read_text(errors="replace")
+            state = self.run("systemctl", "is-system-running").stdout.decode().strip()
+            if state in ("running", "degraded"):
+                return
+            assert time.monotonic() < deadline, f"not booted in time ({state}):\n" + \
+                log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+
+    def close(self) -> None:
+        """SIGTERM: systemd-nspawn shuts the container down; SIGKILL if it takes too long."""
+        if self.nspawn.poll() is None:
+            self.nspawn.terminate()
+            try:
+                self.nspawn.wait(90)
+            except subprocess.TimeoutExpired:
+                if self.init:  # the container's PID 1: its whole PID namespace goes with it
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.init, signal.SIGKILL)
+                self.nspawn.kill()
+                self.nspawn.wait(30)
         shutil.rmtree(self.path, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.debroot import RECOMMENDS, REPO, DebianRoot, debian_tarball
+from tests.debroot import RECOMMENDS, REPO, BootedRoot, Commands, DebianRoot, debian_tarball
 from tm2fs.mounts import is_mounted
 
 pytestmark = [pytest.mark.slow, pytest.mark.debian, pytest.mark.mount]
@@ -35,11 +36,24 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(out.stdout.decode().split()[-1])
 
 
-@pytest.fixture(params=["bookworm", "trixie"])
+SUITES = ["bookworm", "trixie"]
+
+
+@pytest.fixture(params=SUITES)
 def root(request: pytest.FixtureRequest, deb: Path, tmp_path: Path) -> Iterator[DebianRoot]:
     tree = DebianRoot(request.param, debian_tarball(request.param, deb), tmp_path / "root")
     try:
-        (tree.path / "tmp" / deb.name).write_bytes(deb.read_bytes())
+        shutil.copy(deb, tree.path / "tmp")
+        yield tree
+    finally:
+        tree.close()
+
+
+@pytest.fixture(params=SUITES)
+def booted(request: pytest.FixtureRequest, deb: Path, tmp_path: Path) -> Iterator[BootedRoot]:
+    tarball = debian_tarball(request.param, deb)
+    tree = BootedRoot(request.param, tarball, tmp_path / "root", tmp_path / "nspawn.log")
+    try:
         yield tree
     finally:
         tree.close()
@@ -85,7 +99,7 @@ def test_the_package_installs_and_serves_on_a_fresh_root(root: DebianRoot, deb: 
         daemon = root.popen(*argv, env={"NOTIFY_SOCKET": "/run/notify.sock"}, log=log)
         try:
             ready(notify, daemon, log, timeout=120)
-            assert is_mounted(mnt)  # in the host's mount table: the mount is not the service's own
+            assert is_mounted(mnt)  # the host sees it
             run_the_eleven_actions(root, argv[-1])
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(90) == 0, log.read_text(errors="replace")
@@ -96,7 +110,26 @@ def test_the_package_installs_and_serves_on_a_fresh_root(root: DebianRoot, deb: 
                 daemon.wait(30)
 
 
-def run_the_eleven_actions(root: DebianRoot, mnt: str) -> None:
+def test_the_unit_runs_sandboxed_under_systemd(booted: BootedRoot, deb: Path) -> None:
+    """The unit as systemd runs it, every sandboxing option in force: it starts (READY=1), the
+    mount is seen outside the service's processes (no mount namespace of its own), the actions
+    work, and a stop unmounts."""
+    shutil.copy(deb, booted.path / "var" / "cache")  # /tmp may be the container's own tmpfs
+    booted.ok("apt-get", "install", "-y", RECOMMENDS, f"/var/cache/{deb.name}", timeout=900)
+    booted.ok("systemctl", "start", "tm2fs", timeout=180)
+    state = booted.ok("systemctl", "show", "tm2fs", "-p", "ActiveState,StatusText")
+    assert sorted(state.split()) == ["ActiveState=active", "StatusText=serving"], state
+    assert " /var/lib/tm2fs/mnt fuse.tm2fs " in booted.ok("cat", "/proc/self/mounts")
+    run_the_eleven_actions(booted, "/var/lib/tm2fs/mnt")
+    booted.ok("systemctl", "stop", "tm2fs", timeout=120)
+    assert " /var/lib/tm2fs/mnt " not in booted.ok("cat", "/proc/self/mounts")
+    journal = booted.ok("journalctl", "-u", "tm2fs", "--no-pager", "-o", "cat")
+    assert "ERROR" not in journal and "Traceback" not in journal, journal
+
+
+def run_the_eleven_actions(root: Commands, mnt: str) -> None:
+    """push, get, clone, get-size, allocate, resize, write, read, attach, detach, delete with the
+    installed `tm2`, checked inside the root (through the mount too)."""
     env = {"TM2FS_SOCKET": "/run/tm2fs/tm2fs.sock"}
 
     def tm2(*args: str, input: bytes | None = None) -> str:
@@ -105,23 +138,23 @@ def run_the_eleven_actions(root: DebianRoot, mnt: str) -> None:
     assert root.ok("onestoragebackend", "list", "-l", "NAME,STATE,TM", "--no-header",
                    env=env).split() == ["local", "READY", "dir"]
     data = os.urandom(MiB) + bytes(MiB)
-    (root.path / "tmp" / "src.img").write_bytes(data)
-    tm2("push", "/tmp/src.img", "local:base.img")  # push
-    tm2("get", "local:base.img", "/tmp/got.img")  # get
-    assert (root.path / "tmp" / "got.img").read_bytes() == data
+    root.ok("mkdir", "-p", "/srv/work", "/srv/vm-7")
+    root.ok("sh", "-c", 'cat > "$0"', "/srv/work/src.img", input=data)
+    tm2("push", "/srv/work/src.img", "local:base.img")  # push
+    tm2("get", "local:base.img", "/srv/work/got.img")  # get
+    root.ok("cmp", "/srv/work/got.img", "/srv/work/src.img")
     tm2("clone", "local:base.img", "local:copy.img")  # clone
     assert tm2("get-size", "local:copy.img").strip() == str(2 * MiB)  # get-size
-    assert root.ok("cmp", f"{mnt}/local/copy.img", "/tmp/src.img") == ""  # through the mount
+    root.ok("cmp", f"{mnt}/local/copy.img", "/srv/work/src.img")  # through the mount
     tm2("allocate", "local:new.img", "4M")  # allocate
     tm2("resize", "local:new.img", "8M")  # resize
-    assert os.stat(root.path / mnt.lstrip("/") / "local" / "new.img").st_size == 8 * MiB
+    assert root.ok("stat", "-c", "%s", f"{mnt}/local/new.img").strip() == str(8 * MiB)
     tm2("write", "local:new.img", input=data)  # write
     assert root.run("tm2", "read", "local:new.img", env=env).stdout == data  # read
-    root.ok("mkdir", "-p", "/srv/vm-7")
     tm2("attach", "local:copy.img", "/srv/vm-7/disk.0")  # attach
-    assert root.ok("cmp", "/srv/vm-7/disk.0", "/tmp/src.img") == ""
+    root.ok("cmp", "/srv/vm-7/disk.0", "/srv/work/src.img")
     assert root.run("tm2", "delete", "local:copy.img", env=env).returncode != 0  # attached: refused
     tm2("detach", "local:copy.img", "/srv/vm-7/disk.0")  # detach
-    assert not os.path.lexists(root.path / "srv" / "vm-7" / "disk.0")
+    assert root.run("test", "-L", "/srv/vm-7/disk.0").returncode != 0
     tm2("delete", "local:copy.img")  # delete
-    assert sorted(os.listdir(root.path / mnt.lstrip("/") / "local")) == ["base.img", "new.img"]
+    assert root.ok("ls", f"{mnt}/local").split() == ["base.img", "new.img"]
