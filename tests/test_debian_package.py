@@ -158,3 +158,57 @@ def run_the_eleven_actions(root: Commands, mnt: str) -> None:
     assert root.run("test", "-L", "/srv/vm-7/disk.0").returncode != 0
     tm2("delete", "local:copy.img")  # delete
     assert root.ok("ls", f"{mnt}/local").split() == ["base.img", "new.img"]
+
+
+def test_the_readme_commands_pass_in_a_fresh_debian_13(deb: Path, tmp_path: Path) -> None:
+    """The README's two commands from a clean clone in a fresh Debian 13 root: `./run.sh` sets
+    everything up and mounts (its next snippet works), `./test.sh -m "not slow"` passes."""
+    tree = DebianRoot("trixie", debian_tarball("trixie", deb), tmp_path / "root")
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                              check=True).stdout.decode().strip()
+        clone = tree.path / "opt" / "tm2fs"  # readable by the suite's other users, unlike /root
+        subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True)
+        subprocess.run(["git", "-C", str(clone), "checkout", "-q", head], check=True)
+        env = {}
+        if os.environ.get("PIP_CERT"):  # this machine's way to PyPI goes through its own CA
+            shutil.copy(os.environ["PIP_CERT"], tree.path / "etc" / "pip-cert.pem")
+            env["PIP_CERT"] = "/etc/pip-cert.pem"
+        start = time.monotonic()
+        run_sh_until_mounted(tree, clone, env, tmp_path / "run.log")
+        print(f"./run.sh set up and mounted in {time.monotonic() - start:.0f} s")
+        start = time.monotonic()
+        result = tree.run("sh", "-c", 'cd /opt/tm2fs && exec ./test.sh -m "not slow" -p no:cacheprovider',
+                          env=env, timeout=3600)
+        out = result.stdout.decode(errors="replace")
+        print(f"./test.sh -m 'not slow' in {time.monotonic() - start:.0f} s: {out.splitlines()[-1:]}")
+        assert result.returncode == 0, out[-6000:] + result.stderr.decode(errors="replace")[-3000:]
+    finally:
+        tree.close()
+
+
+def run_sh_until_mounted(tree: DebianRoot, clone: Path, env: dict[str, str], log: Path) -> None:
+    """./run.sh until it mounts; then the README's next snippet; then a clean stop. Run again if
+    it stops before mounting (set-up downloads from Debian and PyPI; it is idempotent)."""
+    for attempt in range(1, 4):
+        daemon = tree.popen("sh", "-c", "cd /opt/tm2fs && exec ./run.sh", env=env, log=log)
+        try:
+            deadline = time.monotonic() + 2400
+            while not is_mounted(clone / "mnt") and daemon.poll() is None:
+                assert time.monotonic() < deadline, "./run.sh did not mount in time"
+                time.sleep(1)
+            if daemon.poll() is not None:
+                assert attempt < 3, log.read_text(errors="replace")[-6000:]
+                time.sleep(30 * attempt)
+                continue
+            snippet = ("cd /opt/tm2fs && export TM2FS_SOCKET=$PWD/state/tm2fs.sock PATH=$PWD/.venv/bin:$PATH"
+                       " && onestoragebackend list && tm2 allocate local:disk.img 10G && ls -l mnt/local")
+            assert "disk.img" in tree.ok("sh", "-c", snippet, env=env)
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(90) == 0, log.read_text(errors="replace")[-6000:]
+            assert not is_mounted(clone / "mnt")
+            return
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(30)
