@@ -15,6 +15,7 @@ PACKAGES=(
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd rbd-fuse  # Ceph: test cluster
   python3-prometheus-client                                     # metrics (0.16 on 12, 0.21 on 13)
   libvirt-daemon-system libvirt-clients qemu-system-x86         # native attachments: TCG guests
+  mmdebstrap systemd-container              # fresh Debian roots for the package test, booted
 )
 
 missing=()
