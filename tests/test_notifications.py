@@ -120,6 +120,15 @@ async def test_a_late_notification_does_not_undo_a_newer_change(
     await b.pool.remote_change(json.dumps(created))
     assert b.pool.nodes[ino].name == "second" and "first" not in b.pool.children[root]
 
+    # the same content at a newer version still wins over an older version heard later
+    other = await a.pool.write(lambda tx: folder(tx, root, "x"))
+    await a.pool.write(lambda tx: tx.update_node(other, name="y"))
+    await a.pool.write(lambda tx: tx.update_node(other, name="x"))
+    x1, y2, x3 = heard.naming(other), heard.naming(other), heard.naming(other)
+    for note in (x1, x3, y2):  # "x", "x" again (newer), then "y" late
+        await b.pool.remote_change(json.dumps(note))
+    assert b.pool.nodes[other].name == "x" and "y" not in b.pool.children[root]
+
     await a.pool.write(lambda tx: tx.delete_node(ino))
     deleted = heard.naming(ino)
     assert ino in deleted["dn"]

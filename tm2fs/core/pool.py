@@ -212,7 +212,12 @@ class Pool:
     def _apply_node(self, ino: int, new: Node | None, kernel: bool) -> bool:
         """Bring one entry up to date; whether it changed."""
         old = self.nodes.get(ino)
-        if old == new:
+        if old == new:  # (versions aside)
+            if new is not None and old is not new:  # the newer version: a later, older one loses
+                self.nodes[ino] = new
+                oi = self.open_ino.get(ino)
+                if oi is not None:
+                    oi.node = new
             return False
         moved = old is not None and (new is None or (old.parent, old.name) != (new.parent, new.name))
         if old is not None and moved and old.parent is not None:
