@@ -284,8 +284,9 @@ class StoreWorker:
 
     def _payload(self, changed: Delta) -> str:
         """What other hosts hear: the rows themselves if they fit one notification (nothing to
-        re-read), else their ids, else "everything"."""
-        for body in (changed.rows, changed.ids):
+        re-read), else their ids, else "everything". The rows come with their ids, which a
+        daemon from before schema v5 re-reads (hosts upgraded one by one keep hearing)."""
+        for body in (lambda: {**changed.ids(), **changed.rows()}, changed.ids):
             payload = json.dumps({"h": self.host, **body()}, separators=(",", ":"))
             if len(payload) <= NOTIFY_MAX:
                 return payload

@@ -115,7 +115,7 @@ class Pool:
         return await self.db.read(work, timeout)
 
     async def remote_change(self, payload: str) -> None:
-        """Another host changed rows: apply those its notification carries, re-read those it
+        """Another host changed rows: apply those its notification carries, or re-read those it
         only names (or everything)."""
         try:
             data = json.loads(payload)
@@ -133,9 +133,9 @@ class Pool:
             log.error("a malformed change notification: re-reading everything")
             await self.db.refresh(Tx.everything, REMOTE)
             return
-        if rows:
+        if "rn" in data:  # the rows themselves (their ids are for older daemons)
             self._apply(rows, REMOTE)
-        if any(ids):
+        elif any(ids):
             await self.db.refresh(lambda tx: tx.read_delta(*ids), REMOTE)
 
     async def revalidate(self, n: Node) -> bool:
