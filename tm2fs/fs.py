@@ -25,7 +25,7 @@ each open starts with a clean page cache, so data written through the API (`tm2 
 not pass through the kernel) shows on the next open; a file held open is invalidated explicitly.
 
 st_blocks: what the backend holds (core/allocation.py keeps the figure in memory), so `du`,
-`cp --sparse=auto` and `qemu-img convert` see holes. pyfuse3 has no lseek or fallocate: the
+`cp --sparse=always` and `qemu-img convert` see holes. pyfuse3 has no lseek or fallocate: the
 kernel answers SEEK_DATA/SEEK_HOLE as "all data" (copiers then read the zeros and skip them
 themselves) and fallocate, discard included, with EOPNOTSUPP.
 
@@ -151,7 +151,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = attr.size
     e.st_rdev = 0
     e.st_blksize = 128 * 1024
-    # what the backend holds, so `du` and `cp --sparse=auto` see holes; unknown: as if full
+    # what the backend holds, so `du` and sparse-aware copiers see holes; unknown: as if full
     e.st_blocks = ((attr.size if attr.allocated is None else attr.allocated) + 511) // 512
     e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns

@@ -1,5 +1,5 @@
 """What each image really holds on its backend (st_blocks), kept in memory and measured off the
-data path, so `du` is right and `cp --sparse=auto` and `qemu-img convert` keep holes.
+data path, so `du` is right and `cp --sparse=always` and `qemu-img convert` keep holes.
 
 getattr answers from `Pool.allocated` and never calls a driver. A figure is measured again (the
 driver's `allocated`, in its worker threads, under the backend's timeout):
