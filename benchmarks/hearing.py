@@ -8,7 +8,6 @@ throwaway PostgreSQL; A creates and deletes images through its API, B and C only
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -16,16 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.scale import cpu_seconds
 from tests.daemon import Daemon
 from tests.servers.postgres import PostgresServer
 from tm2fs.client import Client
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def main() -> None:
@@ -43,7 +36,7 @@ def main() -> None:
                                       extra=("--monitor-interval", "30")).start())
             client = Client(str(daemons[0].sock))
             time.sleep(2)  # start-up work done
-            before = [cpu(d.proc.pid) for d in daemons if d.proc]
+            before = [cpu_seconds([d.proc.pid]) for d in daemons if d.proc]
             start = time.monotonic()
             for i in range(n):
                 client.call("POST", "/v1/images/allocate",
@@ -52,7 +45,7 @@ def main() -> None:
                 client.call("POST", "/v1/images/delete", {"address": f"local:img{i}"})
             elapsed = time.monotonic() - start
             time.sleep(1.5)  # the last notifications heard
-            after = [cpu(d.proc.pid) for d in daemons if d.proc]
+            after = [cpu_seconds([d.proc.pid]) for d in daemons if d.proc]
         finally:
             for d in daemons:
                 d.stop()

@@ -12,7 +12,6 @@ whatever a design does with a change, hearing it on N hosts costs at least this.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -24,9 +23,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.scale import cpu_seconds, postgres_pids
 from tests.servers.postgres import PostgresServer
 
-TICK = os.sysconf("SC_CLK_TCK")
 CHANNEL = "tm2fs"
 LISTENER = """
 import json, sys, time, psycopg
@@ -47,28 +46,14 @@ PAYLOAD = json.dumps({"h": "hostA", "rn": [[12345, 3, "disk.0", 2, 33188, 0, 0, 
                       "di": [], "rb": [], "db": []}, separators=(",", ":"))
 
 
-def cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def postgres_cpu() -> float:
-    out = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True).stdout
-    total = 0.0
-    for pid in out.split():
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += cpu(int(pid))
-    return total
-
-
-def run(url: str, listeners: int, changes: int) -> tuple[float, float, float]:
+def run(pg: PostgresServer, url: str, listeners: int, changes: int) -> tuple[float, float, float]:
     dsn = url.replace("postgresql+psycopg", "postgresql")
     procs = [subprocess.Popen([sys.executable, "-c", LISTENER, dsn], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for _ in range(listeners)]
     try:
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        pg_before = postgres_cpu()
+        pg_before = cpu_seconds(postgres_pids(pg))
         start = time.monotonic()
         with psycopg.connect(dsn) as sender:
             for _ in range(changes):
@@ -81,7 +66,7 @@ def run(url: str, listeners: int, changes: int) -> tuple[float, float, float]:
             assert p.stdout is not None
             heard += float(p.stdout.readline())
         elapsed = time.monotonic() - start
-        server = postgres_cpu() - pg_before
+        server = cpu_seconds(postgres_pids(pg)) - pg_before
         for p in procs:
             assert p.stdin is not None
             p.stdin.close()
@@ -104,7 +89,7 @@ def main() -> None:
     with PostgresServer({"max_connections": "400"}) as pg:
         url = pg.new_database("floor")
         for n in (int(x) for x in args.listeners.split(",")):
-            heard, server, elapsed = run(url, n, args.changes)
+            heard, server, elapsed = run(pg, url, n, args.changes)
             print(f"{n:>9} {heard:>20.2f} {server:>21.2f} {heard / n * 1000:>16.0f} "
                   f"{args.changes / elapsed:>10.0f}")
 

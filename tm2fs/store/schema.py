@@ -19,6 +19,12 @@ CHANNEL = "tm2fs"  # PostgreSQL NOTIFY channel for changes between daemons
 
 meta = sa.MetaData()
 
+
+def _version() -> sa.Column[int]:
+    """Bumped by every transaction that touches the row (PostgreSQL): `model.Node.ver`."""
+    return sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0")
+
+
 schema_info = sa.Table(
     "schema_info", meta,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -53,7 +59,7 @@ backend = sa.Table(
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
     sa.Column("monitored", sa.Float),
-    sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0"),  # Node.ver
+    _version(),
 )
 
 node = sa.Table(
@@ -71,7 +77,7 @@ node = sa.Table(
     sa.Column("ctime_ns", sa.BigInteger, nullable=False),
     sa.Column("target", sa.Text),  # symlinks
     sa.Column("image_id", sa.Integer, nullable=True, unique=True),  # regular files
-    sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0"),  # Node.ver
+    _version(),
     sa.UniqueConstraint("parent", "name", name="namespace_parent_name"),
 )
 
@@ -82,7 +88,7 @@ image = sa.Table(
     sa.Column("key", sa.String(255), nullable=False),  # opaque name on the backend
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
-    sa.Column("ver", sa.BigInteger, nullable=False, default=0, server_default="0"),  # Node.ver
+    _version(),
     sa.UniqueConstraint("backend_id", "key", name="image_backend_key"),
 )
 

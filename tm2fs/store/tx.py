@@ -75,13 +75,6 @@ def _decode_backend(row: Any) -> Backend:
     )
 
 
-def _select_or_bump(table: str, key: str, cols: str, ids: tuple[int, ...], bump: bool) -> str:
-    """Rows by id; with `bump`, their versions moved on in the same statement (and locked)."""
-    if bump:
-        return f"UPDATE {table} SET ver = ver + 1 WHERE {key} IN ({_marks(ids)}) RETURNING {cols}"
-    return f"SELECT {cols} FROM {table} WHERE {key} IN ({_marks(ids)})"
-
-
 def _node(row: Any) -> Node:
     return Node(**row._mapping)
 
@@ -210,11 +203,19 @@ class Tx:
         return str(self.c.execute(sa.select(schema_info.c.pool_id)).scalar_one())
 
     def images_by_id(self, ids: list[int], bump: bool = False) -> dict[int, Image]:
-        out: dict[int, Image] = {}
+        return self._by_id("image", "id", IMAGE_COLS, Image, ids, bump)
+
+    def _by_id(self, table: str, key: str, cols: str, make: Any, ids: list[int],
+               bump: bool) -> dict[int, Any]:
+        """Rows by id, in one statement per CHUNK; with `bump`, their versions moved on in the
+        same statement (and the rows locked)."""
+        out: dict[int, Any] = {}
         for i in range(0, len(ids), CHUNK):
             part = tuple(ids[i:i + CHUNK])
-            rows = self._x(_select_or_bump("image", "id", IMAGE_COLS, part, bump), part)
-            out.update((r[0], Image(*r)) for r in rows)
+            marks = _marks(part)
+            sql = (f"UPDATE {table} SET ver = ver + 1 WHERE {key} IN ({marks}) RETURNING {cols}"
+                   if bump else f"SELECT {cols} FROM {table} WHERE {key} IN ({marks})")
+            out.update((r[0], make(*r)) for r in self._x(sql, part))
         return out
 
     # backends
@@ -374,12 +375,7 @@ class Tx:
 
     def nodes(self, inos: list[int], bump: bool = False) -> dict[int, Node]:
         """Many entries in one query each chunk (e.g. every backend's root, a delta)."""
-        out: dict[int, Node] = {}
-        for i in range(0, len(inos), CHUNK):
-            part = tuple(inos[i:i + CHUNK])
-            rows = self._x(_select_or_bump("namespace", "ino", NODE_COLS, part, bump), part)
-            out.update((r[0], Node(*r)) for r in rows)
-        return out
+        return self._by_id("namespace", "ino", NODE_COLS, Node, inos, bump)
 
     # namespace
     def node(self, ino: int) -> Node | None:
