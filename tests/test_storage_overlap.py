@@ -335,3 +335,19 @@ def test_daemon_keeps_the_first_backend_s_data(tmp_path: Path,
         assert (shared / FOREIGN).read_bytes() == b"another pool's disk"
         assert (d.mnt / "b1" / "disk.img").read_bytes() == b"first backend's data" * 1000
         assert f"backend b1: leftovers in {shared} not swept" in d.logs()
+
+
+@pytest.mark.slow
+def test_a_backend_directory_on_the_mount_is_refused(tmp_path: Path) -> None:
+    """A backend kept on the pool's own mount would send every write back through FUSE to the
+    daemon itself: refused, written into it or reached through a symlink."""
+    with Daemon(tmp_path) as d:
+        (tmp_path / "onto").symlink_to(d.mnt / "local")
+        for path, words in ((d.mnt / "local" / "inner", b"is on the pool's own mount"),
+                            (d.mnt, b"is on the pool's own mount"),
+                            (tmp_path / "onto" / "x", b"leads onto the pool's own mount")):
+            out = d.backend_cli("create", "--name", "loop", "--tm", "dir", "--tm-raw", f"PATH={path}")
+            assert out.returncode == 1 and words in out.stderr, out.stderr
+            assert b"Traceback" not in out.stderr
+        assert sorted(d.backends()) == ["local"]
+        assert not (d.mnt / "local" / "inner").exists()

@@ -66,7 +66,7 @@ class Admin:
         marked = driver_class(tm).marked
 
         def check() -> None:
-            ownership.check_place(what, directory, others, self.state_dir)
+            ownership.check_place(what, directory, others, self.state_dir, self.mountpoint)
             if known is None or not marked or not os.path.isdir(directory):
                 return
             why = ownership.refusal(directory, pool_id, backend_id, known, lambda b: b not in ids)

@@ -107,10 +107,18 @@ def _relation(path: str, other: str) -> str | None:
     return None
 
 
-def check_place(what: str, path: str, others: Iterable[tuple[str, str]], state_dir: Path) -> None:
-    """Blocking: refuse a backend directory `path` that is a system directory or overlaps the
+def check_place(what: str, path: str, others: Iterable[tuple[str, str]], state_dir: Path,
+                mountpoint: str | None = None) -> None:
+    """Blocking: refuse a backend directory `path` that is a system directory, lies on the pool's
+    own mount (every image write would come back to the daemon through FUSE), or overlaps the
     state directory (outside its `backends/`) or another backend's (`others`: name, path)."""
+    if mountpoint is not None and _inside(os.path.normpath(path), os.path.normpath(mountpoint)):
+        raise err.InvalidArgument(f"{what} {path!r} is on the pool's own mount {mountpoint}",
+                                  "give the backend a directory outside the mount")
     real = os.path.realpath(path)
+    if mountpoint is not None and _inside(real, os.path.realpath(mountpoint)):
+        raise err.InvalidArgument(f"{what} {path!r} leads onto the pool's own mount {mountpoint}",
+                                  "give the backend a directory outside the mount")
     for p in (os.path.normpath(path), real):
         if p in SYSTEM or SYSTEM_RE.fullmatch(p):
             raise err.InvalidArgument(f"{what} {path!r} is a system directory",
