@@ -308,7 +308,7 @@ async def test_targets_and_luns_follow_allocate_resize_delete(driver: IscsiDrive
     h = await driver.open(k, False)  # a session stays open across the resizes
     await driver.resize(k, 16 * MIB)
     assert readcapacity(driver, k) == 16 * MIB
-    assert await trio.to_thread.run_sync(h.block.refresh) == 16 * MIB
+    assert await h.refresh() == 16 * MIB
     await driver.resize(k, 4 * MIB + 100)  # the LUN has whole blocks; the image its exact size
     assert await driver.size(k) == 4 * MIB + 100
     assert readcapacity(driver, k) == 4 * MIB + 512
