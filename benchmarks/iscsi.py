@@ -145,7 +145,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--markdown", action="store_true", help="print the README's table too")
     args = parser.parse_args()
+    rows: list[str] = []
     with TgtServer() as tgt, tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp)) as d:
         tpl = Path(tmp) / "san.tpl"
         tpl.write_text(f'NAME = san\nTM = iscsi\nTIMEOUT = 30\nTM_RAW = [ PORTAL = "{tgt.portal}", '
@@ -179,6 +181,15 @@ def main() -> None:
                 print(f"{label:<20} " + " ".join(f"{v:>10,.0f} {unit:<5}" for v in r.values())
                       + f" {ours / direct_rate:>13.2f} {floor / direct_rate:>13.2f} "
                       f"{ours / floor:>12.2f}", flush=True)
+                rows.append(f"| {label} | " + " | ".join(f"{v:,.0f} {unit}" for v in r.values())
+                            + f" | {r['pipeline alone'] / direct_rate:.2f} | "
+                            f"{floor / direct_rate:.2f} | **{ours / direct_rate:.2f}** | "
+                            f"{ours / floor:.2f} |")
+    if args.markdown:
+        print("\n| job | iscsi:// direct | pipeline alone | floor (bare pyfuse3) | tm2fs mount | "
+              "alone / direct | floor / direct | tm2fs / direct | tm2fs / floor |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
