@@ -136,7 +136,7 @@ def is_mounted(path: Path) -> bool:
 
 
 async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
-    from . import api, fs, hosts, httpserver, monitor
+    from . import api, fs, fuseconn, hosts, httpserver, monitor
     from .core import Service
 
     state_dir = Path(args.state_dir).absolute()
@@ -168,6 +168,7 @@ async def run(args: argparse.Namespace, ready_fd: int | None = None) -> None:
         if not args.no_default_backend:
             await service.ensure_default_backend()
         pyfuse3.init(fs.Operations(service), str(mountpoint), fs.mount_options())
+        await trio.to_thread.run_sync(fuseconn.widen, mountpoint)
         # Unmount only on a clean stop; after a crash the mount stays (ENOTCONN).
         stack.callback(lambda: pyfuse3.close(unmount=clean))
         nursery = await stack.enter_async_context(trio.open_nursery())

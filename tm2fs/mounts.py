@@ -12,6 +12,7 @@ import re
 from typing import NamedTuple
 
 MOUNTS = "/proc/self/mounts"
+MOUNTINFO = "/proc/self/mountinfo"
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
@@ -39,6 +40,20 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
     """Is `path` itself a mount point (as given, not resolved: a FUSE mount may not answer)."""
     target = os.fsencode(os.path.abspath(path))
     return any(m.point == target for m in mounts())
+
+
+def device(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The (major, minor) device of the filesystem mounted at `path` (the last mount there), from
+    /proc/self/mountinfo: no stat of a FUSE mount that this very process may have to answer."""
+    target = os.fsencode(os.path.abspath(path))
+    found = None
+    with open(MOUNTINFO, "rb") as f:
+        for line in f.read().splitlines():
+            fields = line.split(b" ")
+            if len(fields) > 4 and unescape(fields[4]) == target:
+                major, _, minor = fields[2].partition(b":")
+                found = (int(major), int(minor))
+    return found
 
 
 def filesystem_type(path: str | os.PathLike[str]) -> str:

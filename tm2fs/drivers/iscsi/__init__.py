@@ -19,8 +19,9 @@ How, one module each:
   (`TgtTargets`: Linux's userspace target tgtd through `tgtadm -C N --lld iscsi ...`) and `lio`
   (`LioTargets`: the kernel's LIO through rtslib-fb).
 - `libiscsi`: libiscsi's userspace initiator bound with ctypes (no kernel initiator is needed); a
-  `Session` is one logged-in session.
-- `handle`: an open image, byte access over a session's blocks in abandonable worker threads.
+  `Session` is one logged-in session (login and logout are blocking, in worker threads).
+- `pipeline`: libiscsi's event loop on the trio thread: many SCSI commands in flight on a session.
+- `handle`: an open image, byte access over a session's blocks, requests side by side.
 - `driver`: `IscsiDriver`, the backend put together from the above.
 
 A tgtd restart loses every target (its configuration lives in memory). `start()` therefore

@@ -18,7 +18,7 @@ from ...errors import InvalidArgument
 from ..base import Capacity, Driver, Handle, Progress
 from ..threads import in_thread, open_in_thread
 from .files import Files, LocalFiles, RemoteFiles, removed_on_failure
-from .handle import BlockHandle, IscsiHandle
+from .handle import IscsiHandle
 from .libiscsi import Session, SessionCount
 from .lio import LioTargets
 from .runner import Runner
@@ -183,9 +183,8 @@ class IscsiDriver(Driver):
 
     async def open(self, key: str, writable: bool) -> Handle:
         size = await self.files.size(self.s.path(key))
-        session = await self._login(key)
-        block = BlockHandle(lambda: self._connect(key), session, writable, self.timeout)
-        return IscsiHandle(block, self, key, size)
+        pipeline = await IscsiHandle.start(self, await self._login(key))
+        return IscsiHandle(self, key, pipeline, writable, size)
 
     async def keys(self) -> list[str]:
         luns = await self.targets.luns()

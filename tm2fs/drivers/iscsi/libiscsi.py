@@ -2,10 +2,10 @@
 
 Why ctypes and not cython-iscsi (the PyPI wrapper): that one holds the GIL during its blocking
 calls (a hung target would freeze the whole trio loop), never frees its tasks or contexts, and has
-no logout and no timeouts. ctypes releases the GIL in every foreign call. The calls block, so
-callers run them in abandonable worker threads; libiscsi's own timeout (iscsi_set_timeout =
-TIMEOUT) ends an abandoned call soon after. libiscsi's async API (iscsi_service + poll on its fd,
-woken through trio's wait_readable) would avoid the thread hop per request; it was not done.
+no logout and no timeouts. ctypes releases the GIL in every foreign call. Login and logout are
+blocking calls, run in abandonable worker threads; libiscsi's own timeout
+(iscsi_set_timeout = TIMEOUT) ends an abandoned call soon after. The data path uses the
+asynchronous calls from the trio thread (`pipeline`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import ctypes.util
 import errno
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
-from .settings import BLOCK, LUN
+from .settings import LUN
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +32,16 @@ class _ScsiTask(ctypes.Structure):
                 ("sense_ascq", ctypes.c_int)]
 
 
-class _IoVec(ctypes.Structure):
+class _IoVec(ctypes.Structure):  # struct scsi_iovec
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class _ReadCapacity16(ctypes.Structure):
     _fields_ = [("returned_lba", ctypes.c_uint64), ("block_length", ctypes.c_uint32)]
 
+
+#: void (*iscsi_command_cb)(struct iscsi_context *, int status, void *command_data, void *private)
+COMMAND_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 STATUS_GOOD = 0
 STATUS_CHECK_CONDITION = 2
@@ -78,10 +80,15 @@ def libiscsi() -> Any:
             "iscsi_set_noautoreconnect": (None, [vp, i]),
             "iscsi_set_tcp_syncnt": (i, [vp, i]),
             "iscsi_full_connect_sync": (i, [vp, cp, i]),
-            "iscsi_read16_iov_sync": (task, [vp, i, u64, u32, i, i, i, i, i, i, ctypes.POINTER(_IoVec), i]),
-            "iscsi_write16_sync": (task, [vp, i, u64, cp, u32, i, i, i, i, i, i]),
-            "iscsi_synchronizecache10_sync": (task, [vp, i, i, i, i, i]),
-            "iscsi_readcapacity16_sync": (task, [vp, i]),
+            "iscsi_get_fd": (i, [vp]),
+            "iscsi_which_events": (i, [vp]),
+            "iscsi_service": (i, [vp, i]),
+            "iscsi_read16_iov_task": (task, [vp, i, u64, u32, i, i, i, i, i, i, COMMAND_CB, vp,
+                                             ctypes.POINTER(_IoVec), i]),
+            "iscsi_write16_task": (task, [vp, i, u64, cp, u32, i, i, i, i, i, i, COMMAND_CB, vp]),
+            "iscsi_synchronizecache10_task": (task, [vp, i, i, i, i, i, COMMAND_CB, vp]),
+            "iscsi_readcapacity16_task": (task, [vp, i, COMMAND_CB, vp]),
+            "iscsi_scsi_cancel_all_tasks": (None, [vp]),
             "scsi_datain_unmarshall": (ctypes.POINTER(_ReadCapacity16), [task]),
             "scsi_free_scsi_task": (None, [task]),
             "iscsi_logout_sync": (i, [vp]),
@@ -107,7 +114,7 @@ class SessionCount:
             self.value += n
 
 
-def _errno_for(message: str) -> int:
+def errno_for(message: str) -> int:
     text = message.lower()
     if "refused" in text:
         return errno.ECONNREFUSED
@@ -117,14 +124,13 @@ def _errno_for(message: str) -> int:
 
 
 class Session:
-    """One libiscsi session logged in to LUN 1 of one target. Blocking; one thread at a time."""
+    """One libiscsi session logged in to LUN 1 of one target: login and logout (blocking)."""
 
     def __init__(self, portal: str, target: str, initiator: str, timeout: float, count: SessionCount) -> None:
         self.lib = libiscsi()
         self.target = target
         self.count = count
         self.broken = False
-        self.capacity = 0
         self.ctx = self.lib.iscsi_create_context(initiator.encode())
         if not self.ctx:
             raise OSError(errno.ENOMEM, "iscsi driver: cannot create an iSCSI context")
@@ -137,86 +143,20 @@ class Session:
             lib.iscsi_set_noautoreconnect(ctx, 1)  # a dropped connection fails calls, never loops
             lib.iscsi_set_tcp_syncnt(ctx, 2)  # an unanswered TCP connect gives up after ~7 s
             if lib.iscsi_full_connect_sync(ctx, portal.encode(), LUN) != 0:
-                message = self._error()
-                raise OSError(_errno_for(message), f"iscsi driver: login to {target} at {portal} "
+                message = self.error()
+                raise OSError(errno_for(message), f"iscsi driver: login to {target} at {portal} "
                               f"failed: {message}")
         except BaseException:
             lib.iscsi_destroy_context(ctx)
             self.ctx = None
             raise
         count.add(1)
-        try:
-            self.read_capacity()
-        except BaseException:
-            self.close()
-            raise
 
-    def _error(self) -> str:
+    def error(self) -> str:
+        if self.ctx is None:
+            return "the session is closed"
         text = self.lib.iscsi_get_error(self.ctx)
         return text.decode(errors="replace").strip() if text else "unknown error"
-
-    def _run(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run one SCSI command (retried on UNIT ATTENTION and BUSY); the task, which the caller frees."""
-        if self.ctx is None or self.broken:
-            raise OSError(errno.EIO, f"iscsi driver: the session to {self.target} is closed")
-        for _attempt in range(4):
-            task = call()
-            if not task:
-                self.broken = True
-                message = self._error()
-                raise OSError(_errno_for(message), f"iscsi driver: {what} on {self.target}: {message}")
-            status = task.contents.status
-            if status == STATUS_GOOD:
-                return task
-            key = task.contents.sense_key
-            self.lib.scsi_free_scsi_task(task)
-            if status == STATUS_CHECK_CONDITION and key == SENSE_UNIT_ATTENTION:
-                continue
-            if status in (STATUS_BUSY, STATUS_TASK_SET_FULL):
-                continue
-            if status == STATUS_TIMEOUT:
-                self.broken = True
-                raise OSError(errno.ETIMEDOUT, f"iscsi driver: {what} on {self.target} timed out")
-            if status in (STATUS_CANCELLED, STATUS_ERROR):
-                self.broken = True
-                raise OSError(errno.EIO, f"iscsi driver: {what} on {self.target}: connection lost "
-                              f"({self._error()})")
-            raise OSError(errno.EIO, f"iscsi driver: {what} on {self.target} failed: {self._error()}")
-        raise OSError(errno.EIO, f"iscsi driver: {what} on {self.target}: target stays busy")
-
-    def _command(self, what: str, call: Callable[[], Any]) -> None:
-        """Run one SCSI command whose task holds nothing to read back."""
-        self.lib.scsi_free_scsi_task(self._run(what, call))
-
-    def read_capacity(self) -> int:
-        task = self._run("READ CAPACITY(16)", lambda: self.lib.iscsi_readcapacity16_sync(self.ctx, LUN))
-        try:
-            data = self.lib.scsi_datain_unmarshall(task)
-            if not data:
-                raise OSError(errno.EIO, f"iscsi driver: READ CAPACITY(16) on {self.target}: bad answer")
-            blocks = (data.contents.returned_lba + 1) & (2**64 - 1)
-            if data.contents.block_length != BLOCK:
-                raise OSError(errno.EIO, f"iscsi driver: {self.target} has {data.contents.block_length}"
-                              "-byte blocks, not 512")
-        finally:
-            self.lib.scsi_free_scsi_task(task)
-        self.capacity = blocks * BLOCK
-        return self.capacity
-
-    def read(self, lba: int, length: int) -> bytes:
-        buf = ctypes.create_string_buffer(length)
-        iov = _IoVec(ctypes.cast(buf, ctypes.c_void_p), length)
-        self._command("READ(16)", lambda: self.lib.iscsi_read16_iov_sync(
-            self.ctx, LUN, lba, length, BLOCK, 0, 0, 0, 0, 0, ctypes.byref(iov), 1))
-        return buf.raw
-
-    def write(self, lba: int, data: bytes) -> None:
-        self._command("WRITE(16)", lambda: self.lib.iscsi_write16_sync(
-            self.ctx, LUN, lba, data, len(data), BLOCK, 0, 0, 0, 0, 0))
-
-    def sync(self) -> None:
-        self._command("SYNCHRONIZE CACHE(10)",
-                      lambda: self.lib.iscsi_synchronizecache10_sync(self.ctx, LUN, 0, 0, 0, 0))
 
     def close(self) -> None:
         """Log out (best effort: a target that is gone cannot answer) and free the context."""
