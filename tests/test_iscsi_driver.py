@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -404,6 +405,23 @@ async def test_requests_are_in_flight_together_on_one_session(driver: IscsiDrive
     finally:
         os.kill(tgt.process.pid, signal.SIGCONT)
     assert got == {i: data[i * 68 * 1024:i * 68 * 1024 + 4096] for i in range(32)}
+    await h.aclose()
+
+
+async def test_a_command_failing_as_it_is_sent_fails_its_caller(driver: IscsiDriver) -> None:
+    """A socket that breaks as a command goes out (here: its sending side shut) fails that
+    command inside the very call that sends it; the caller gets EIO at once, not a wait for an
+    answer that never comes, and the next call logs in again."""
+    k = key()
+    await driver.allocate(k, MIB)
+    h = await driver.open(k, True)
+    await h.apwrite(0, b"kept" * 128)
+    with socket.socket(fileno=os.dup(h.pipeline.fd)) as sock:
+        sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(5), pytest.raises(OSError) as e:
+        await h.apread(0, 4096)
+    assert e.value.errno == errno.EIO
+    assert await h.apread(0, 512) == b"kept" * 128
     await h.aclose()
 
 

@@ -53,12 +53,14 @@ _BROKEN = (STATUS_CANCELLED, STATUS_ERROR, STATUS_TIMEOUT)
 class _Command:
     """One SCSI command in flight: its libiscsi task, who waits, and what libiscsi still reads."""
 
-    __slots__ = ("keep", "task", "waiter")
+    __slots__ = ("abandoned", "keep", "status", "task", "waiter")
 
     def __init__(self, task: Any, keep: object) -> None:
         self.task = task
         self.keep = keep  # buffers libiscsi reads or writes until the command ends
-        self.waiter: Any = None
+        self.waiter: Any = None  # the trio task sleeping until it ends
+        self.status: int | None = None  # set when libiscsi is done with it
+        self.abandoned = False  # its caller gave up: nobody frees the task but `_settle`
 
 
 class Pipeline:
@@ -78,6 +80,7 @@ class Pipeline:
         self._callback = COMMAND_CB(self._on_complete)  # kept alive as long as the context
         self._wants_write = trio.Event()
         self._scope = trio.CancelScope()
+        self._exited = trio.Event()  # the event loop no longer touches the socket
         trio.lowlevel.spawn_system_task(self._serve, name=f"iscsi {self.target}")
 
     # ------------------------------------------------------------------ the event loop
@@ -105,10 +108,12 @@ class Pipeline:
                 continue
             if status in _BROKEN:
                 self._break("a command timed out" if status == STATUS_TIMEOUT else "connection lost")
+            command.status = status
             if command.waiter is not None:
                 trio.lowlevel.reschedule(command.waiter, outcome.Value(status))
-            else:
+            elif command.abandoned:
                 self.lib.scsi_free_scsi_task(command.task)
+            # else: it ended before its caller waited (a broken session); `_wait` sees the status
 
     def _break(self, why: str) -> None:
         if not self.broken:
@@ -132,6 +137,8 @@ class Pipeline:
             log.exception("iscsi session to %s: event loop failed", self.target)
             self._break("event loop failed")
             self._settle()
+        finally:
+            self._exited.set()
 
     async def _write_loop(self) -> None:
         while not self.broken:
@@ -177,10 +184,14 @@ class Pipeline:
         raise OSError(errno.EIO, f"iscsi driver: {what} on {self.target}: target stays busy")
 
     async def _wait(self, command: _Command) -> int:
+        if command.status is not None:
+            await trio.lowlevel.checkpoint()
+            return command.status
         command.waiter = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            command.waiter = None  # the task is freed when libiscsi is done with it
+            command.waiter = None
+            command.abandoned = True  # the task is freed when libiscsi is done with it
             return trio.lowlevel.Abort.SUCCEEDED
 
         status: int = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -237,11 +248,19 @@ class Pipeline:
         self._scope.cancel()
 
     async def aclose(self, limiter: trio.CapacityLimiter) -> None:
-        """Log out in a worker thread (a target that is gone cannot answer)."""
+        """Log out in a worker thread (a target that is gone cannot answer), once the event loop
+        has let go of the socket (the logout closes it)."""
         self._stop()
+        with trio.CancelScope(shield=True):
+            await self._exited.wait()  # one scheduler turn
         await trio.to_thread.run_sync(self.session.close, limiter=limiter, abandon_on_cancel=True)
 
     def close(self) -> None:
         """aclose without waiting, from the trio thread: the logout runs in a thread of its own."""
         self._stop()
-        threading.Thread(target=self.session.close, daemon=True).start()
+
+        async def logout() -> None:
+            await self._exited.wait()
+            threading.Thread(target=self.session.close, daemon=True).start()
+
+        trio.lowlevel.spawn_system_task(logout, name=f"iscsi logout {self.target}")
