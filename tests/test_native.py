@@ -212,7 +212,15 @@ def test_tm2_source_attach_native_and_the_mount_s_attribute(daemon: Daemon, tmp_
     assert [(a["PATH"], a["NATIVE"]) for a in info["ATTACHMENTS"]] == [(str(link), True)]
     assert daemon.backends()["local"]["NBVM"] == 1
     assert daemon.tm2("delete", "local:vm.img").returncode == 1
+    # the VM writes the file itself: the mount and the API may read it, not write beside it
+    assert on_mount.read_bytes() == bytes(2**20)
+    with pytest.raises(OSError) as e:
+        open(on_mount, "r+b").close()  # noqa: SIM115
+    assert e.value.errno == errno.EBUSY
+    refused = daemon.tm2("write", "local:vm.img", input=b"x")
+    assert refused.returncode == 1 and b"attached natively" in refused.stderr
     ok("detach", "local:vm.img", str(link))
+    open(on_mount, "r+b").close()  # noqa: SIM115 - detached: writable again
     assert not os.path.lexists(link)
     assert daemon.backends()["local"]["NBVM"] == 0
     inside = daemon.tm2("attach", "--native", "local:vm.img", str(daemon.mnt / "local" / "x"))

@@ -9,6 +9,7 @@ import logging
 import posixpath
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -290,7 +291,7 @@ class Actions:
         if n is not None and n.image_id is not None and n.image_id not in self.pool.open:
             image_id, where = n.image_id, n.name  # another host writing it: refused now, not
             try:                                  # after the whole transfer
-                await self.pool.read(lambda tx: self.leases.not_elsewhere_in(tx, image_id, where))
+                await self.pool.read(partial(self._writable_in, image_id=image_id, name=where))
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await quietly(self.placing.unreserve(reservation))
@@ -305,6 +306,11 @@ class Actions:
                                         reservation=reservation, key=key, hidden=True)
         return Upload(await self._open_hidden(attr.ino, maker), address, parent, name, 0o600,
                       maker, replaces=n, folders=folders)
+
+    def _writable_in(self, tx: Tx, image_id: int, name: str) -> None:
+        """Nobody else writes it: no other host (lease), no VM attached natively."""
+        self.leases.not_elsewhere_in(tx, image_id, name)
+        self.leases.no_native_in(tx, image_id, name)
 
     async def finish_upload(self, up: Upload, size: int) -> str:
         """The bytes are all there: cut to `size`, synced, then visible; the final address."""

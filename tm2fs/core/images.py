@@ -163,6 +163,7 @@ class Images:
             if image_id in self.pool.open:
                 raise err.Busy(f"{old.name} was opened during the write; it is unchanged")
             self.leases.not_elsewhere_in(tx, image_id, old.name)
+            self.leases.no_native_in(tx, image_id, old.name)
             before, new = tx.image(image_id), tx.image(staged_id)
             assert before is not None and new is not None
             tx.delete_node(ino)

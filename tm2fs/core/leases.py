@@ -142,6 +142,18 @@ class Leases:
                 raise err.Busy(f"{name} is being written on host {current[0]} ({beat})",
                                None if alive else "`tm2 break-lease` if that host is dead")
 
+    @staticmethod
+    def no_native_in(tx: Tx, image_id: int, name: str) -> None:
+        """A VM attached natively (`tm2 attach --native`) writes the image without the mount: a
+        second writer beside it (the mount, `tm2 write`) would race it, a staging driver's copy
+        (`legacy`) would land over its writes, and a replacement would delete the very data it
+        has open. Any host, leases or not. Reading stays allowed."""
+        native = [a for a in tx.attachments(image_id=image_id) if a.native]
+        if native:
+            raise err.Busy(f"{name} is attached natively to a VM at {native[0].host}:"
+                           f"{native[0].path}, which writes it without the mount",
+                           "read it, or `tm2 detach` it first")
+
     def drop_attachment_lease_in(self, tx: Tx, image_id: int, host: str, writing: bool) -> None:
         """The lease goes with the host's last attachment, unless this host still writes it."""
         if (self.enabled and not tx.attachments(image_id=image_id, host=host)

@@ -159,6 +159,9 @@ class OpenFiles:
         if im is None:
             raise err.NotFound(f"{n.name} does not exist")
         may_write = b.state == "READY"
+        if writable:  # the first writer here
+            image_id, name = n.image_id, n.name
+            await self.pool.read(lambda tx: self.leases.no_native_in(tx, image_id, name))
         async with self.backends.call(b, "open") as driver:
             handle = await driver.open(im.key, writable=may_write)
         current = self.pool.open.get(n.image_id)  # another open may have raced us
