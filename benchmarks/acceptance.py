@@ -23,7 +23,9 @@ each job (on the mounts, the FUSE files' pages; natively, the file's), so buffer
 cold where fio looks; write jobs end with fsync (`end_fsync=1`), so a write that only reached
 memory is paid for within the job. The two FUSE servers' backing files stay in the page cache as
 they would on a host serving its VMs (fio_mount.py's treatment too); `--cold-backing` drops them
-before every job as well, so that every side reads from the disk.
+before every job as well, so that every side reads from the disk. `--ceiling` adds a fourth side:
+pyfuse3_ceiling.py's bare pyfuse3 loop doing pread/pwrite on a file beside the others (no
+storage rules, no metrics), the most any pyfuse3 filesystem can serve here.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ JOBS = [
     ("rand read 4K QD32 (O_DIRECT)", "randread", "4k", 32, "libaio", 1),
     ("rand write 4K QD32 (O_DIRECT)", "randwrite", "4k", 32, "libaio", 1),
 ]
-SIDES = ("native", "qsd-fuse", "tm2fs")
 
 
 def drop(path: Path) -> None:
@@ -83,9 +84,11 @@ def start_qsd(backing: Path, export: Path, aio: str) -> subprocess.Popen[bytes]:
 
 
 def run(files: dict[str, Path], backing: list[Path], size: str, runtime: int, rounds: int,
-        cold_backing: bool) -> list[tuple[str, str, dict[str, float]]]:
+        cold_backing: bool, only: str = "") -> list[tuple[str, str, dict[str, float]]]:
     rows = []
     for name, rw, bs, depth, engine, direct in JOBS:
+        if only not in name:
+            continue
         unit = "MiB/s" if bs == "1M" else "IOPS"
         key = "bw" if unit == "MiB/s" else "iops"
         got: dict[str, list[float]] = {side: [] for side in files}
@@ -103,6 +106,25 @@ def run(files: dict[str, Path], backing: list[Path], size: str, runtime: int, ro
     return rows
 
 
+def start_ceiling(root: Path, stack: ExitStack) -> tuple[Path, Path]:
+    """pyfuse3_ceiling.py's bare loop on a file (pread/pwrite and nothing else): what any pyfuse3
+    filesystem can reach here, the ceiling tm2fs's own loop is read against."""
+    from tests.daemon import is_mounted
+
+    mnt, backing = root / "bare", root / "bare-backing.img"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("pyfuse3_ceiling.py")),
+                             "--serve", str(mnt), "60", str(backing)])
+    stack.callback(proc.wait, 30)
+    stack.callback(proc.send_signal, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not is_mounted(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the bare pyfuse3 loop did not mount")
+        time.sleep(0.05)
+    return mnt / "f", backing
+
+
 def main() -> None:
     from tests.daemon import Daemon
 
@@ -113,8 +135,13 @@ def main() -> None:
     p.add_argument("--qsd-aio", default="threads", choices=["threads", "native", "io_uring"])
     p.add_argument("--cold-backing", action="store_true",
                    help="drop the FUSE servers' backing files from the page cache before each job")
+    p.add_argument("--ceiling", action="store_true",
+                   help="a fourth side: pyfuse3_ceiling.py's bare loop on a file (--size 256M)")
+    p.add_argument("--only", default="", help="only the jobs whose name holds this")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
+    if args.ceiling and args.size != "256M":
+        p.error("--ceiling: the bare loop's file is 256M")
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, ExitStack() as stack:
         root = Path(tmp)
         (root / "tm2fs-state").mkdir()
@@ -129,25 +156,31 @@ def main() -> None:
         stack.callback(qsd.send_signal, signal.SIGTERM)
         backends = root / "tm2fs-state" / "state" / "backends" / "local"
         backing = [qsd_backing, *backends.iterdir()]
-        rows = run(files, backing, args.size, args.runtime, args.rounds, args.cold_backing)
+        if args.ceiling:
+            files["pyfuse3 loop"], bare_backing = start_ceiling(root, stack)
+            prepare(files["pyfuse3 loop"], args.size)
+            backing.append(bare_backing)
+        rows = run(files, backing, args.size, args.runtime, args.rounds, args.cold_backing,
+                   args.only)
     version = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
     print(f"({version}, {os.cpu_count()} CPUs, files of {args.size}, median of {args.rounds}, "
           f"qsd aio={args.qsd_aio} cache.direct=off, backing files "
           f"{'dropped before each job' if args.cold_backing else 'left in the page cache'})",
           file=sys.stderr)
+    others = [side for side in files if side != "native"]
     if args.markdown:
-        print("| fio job | native | qsd-fuse | tm2fs | qsd-fuse / native | tm2fs / native |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| fio job | " + " | ".join(files) + " | "
+              + " | ".join(f"{side} / native" for side in others) + " |")
+        print("|---|" + "---:|" * (len(files) + len(others)))
         for name, unit, m in rows:
-            a, q, t = m["native"], m["qsd-fuse"], m["tm2fs"]
-            print(f"| {name} | {a:,.0f} {unit} | {q:,.0f} {unit} | {t:,.0f} {unit} | "
-                  f"{q / a:.2f} | {t / a:.2f} |")
+            print(f"| {name} | " + " | ".join(f"{m[side]:,.0f} {unit}" for side in files) + " | "
+                  + " | ".join(f"{m[side] / m['native']:.2f}" for side in others) + " |")
     else:
-        print(f"{'job':<30} {'native':>14} {'qsd-fuse':>14} {'tm2fs':>14} {'qsd/n':>6} {'tm2/n':>6}")
+        print(f"{'job':<30}" + "".join(f"{side:>16}" for side in files)
+              + "".join(f"{side[:5] + '/n':>8}" for side in others))
         for name, unit, m in rows:
-            a, q, t = m["native"], m["qsd-fuse"], m["tm2fs"]
-            print(f"{name:<30} {a:>8,.0f} {unit:<5} {q:>8,.0f} {unit:<5} {t:>8,.0f} {unit:<5} "
-                  f"{q / a:>6.2f} {t / a:>6.2f}")
+            print(f"{name:<30}" + "".join(f"{m[side]:>10,.0f} {unit:<5}" for side in files)
+                  + "".join(f"{m[side] / m['native']:>8.2f}" for side in others))
 
 
 if __name__ == "__main__":
