@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -28,6 +30,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon import Daemon, service_on
 from tm2fs.client import Client
@@ -381,6 +384,42 @@ def test_api_changes_reach_the_kernel_before_its_cache_expires(daemon: Daemon) -
         checked += 1
     api.close()
     assert checked, "every resize outlasted the kernel's cache timeout: nothing was shown"
+
+
+def _requests(daemon: Daemon) -> dict[str, float]:
+    """FUSE requests served so far, by operation (the daemon's histogram counts)."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.sock)),
+                      base_url="http://tm2fs", timeout=30) as http:
+        text = http.get("/metrics").text
+    return {s.labels["operation"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "tm2fs_fuse_request_duration_seconds"
+            for s in family.samples if s.name.endswith("_count")}
+
+
+def test_a_write_is_one_request_and_api_writes_show_on_an_open_file(daemon: Daemon) -> None:
+    """No page cache on the mount (fs.py, direct_io): a buffered write(2) reaches the daemon as
+    one WRITE (through the page cache the kernel asked GETXATTR security.capability before each
+    one), and what the API writes, a file held open reads at once."""
+    img = daemon.mnt / "local" / "img"
+    img.write_bytes(bytes(64 * 4096))
+    fd = os.open(img, os.O_RDWR)
+    try:
+        before = _requests(daemon)
+        for i in range(64):
+            assert os.pwrite(fd, b"x" * 4096, i * 4096) == 4096
+        after = _requests(daemon)
+        assert after["write"] - before["write"] == 64
+        assert after.get("getxattr", 0) == before.get("getxattr", 0)
+        assert os.pread(fd, 4, 0) == b"xxxx"
+        assert daemon.tm2("write", "local:img", input=b"API!").returncode == 0
+        assert os.pread(fd, 4, 0) == b"API!"
+    finally:
+        os.close(fd)
+    with open(img, "rb") as f:  # the cost, stated in fs.py: no shared mappings
+        with pytest.raises(OSError) as e:
+            mmap.mmap(f.fileno(), 4, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert e.value.errno == errno.ENODEV
+        assert mmap.mmap(f.fileno(), 4, mmap.MAP_PRIVATE, mmap.PROT_READ)[:4] == b"API!"
 
 
 @pytest.mark.slow

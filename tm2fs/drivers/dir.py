@@ -16,6 +16,7 @@ run in worker threads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -42,6 +43,10 @@ from .base import (
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 COPY_CHUNK = 8 * 2**20
+WRITE_BEHIND = 8 * 2**20  # a sequential run this long goes to the disk now (FileHandle.pwrite)
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h; Python's os has no sync_file_range
+_sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 # filesystems whose calls can block for as long as a server is away
 REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "lustre", "afs",
           "fuse", "fuseblk", "sshfs")
@@ -53,19 +58,35 @@ def is_remote(fs_type: str) -> bool:
 
 class FileHandle(InlineHandle):
     """An image file. Its directory entry is made durable by the first fsync (allocate does not
-    sync: a create must not cost two disk flushes; durability is what fsync promises)."""
+    sync: a create must not cost two disk flushes; durability is what fsync promises).
 
-    __slots__ = ("dir", "fd")
+    Write-behind: each WRITE_BEHIND bytes of a sequential run are handed to the disk at once
+    (sync_file_range WRITE: it starts the writeback and does not wait for it), so a copy into the
+    mount keeps the disk busy while the next requests arrive, and its final fsync finds little
+    left. Measured (benchmarks/acceptance.py, 1 MiB writes ended by fsync): 0.65 of a native
+    file's speed without, 0.95-1.0 with. The kernel would otherwise start, by default, only after
+    30 s or with 10% of memory dirty. Random writes are left to it."""
+
+    __slots__ = ("_behind", "_next", "dir", "fd")
 
     def __init__(self, fd: int, directory: Path | None = None) -> None:
         self.fd = fd
         self.dir = directory
+        self._next = self._behind = 0  # the sequential run being written, and its unkicked start
 
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
     def pwrite(self, offset: int, data: bytes) -> int:
-        return os.pwrite(self.fd, data, offset)
+        n = os.pwrite(self.fd, data, offset)
+        if offset != self._next:
+            self._behind = offset
+        self._next = offset + n
+        if self._next - self._behind >= WRITE_BEHIND:  # a hint: an I/O error shows at fsync
+            _sync_file_range(self.fd, self._behind, self._next - self._behind,
+                             SYNC_FILE_RANGE_WRITE)
+            self._behind = self._next
+        return n
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
