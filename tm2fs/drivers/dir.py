@@ -97,6 +97,12 @@ class FileHandle(InlineHandle):
             fsync_dir(self.dir)
             self.dir = None
 
+    async def aflush(self) -> None:
+        """fsync waits for the disk (seconds after a large copy): in a worker thread, not on the
+        loop that serves every other request. Not abandoned on a timeout: the fd must stay open
+        until it returns."""
+        await trio.to_thread.run_sync(self.flush)
+
     def close(self) -> None:
         os.close(self.fd)
 
