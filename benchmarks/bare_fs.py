@@ -259,6 +259,38 @@ class BareFS(pyfuse3.Operations):
                 del self.attrs[fh]
 
 
+class OneFile(pyfuse3.Operations):
+    """A bare filesystem of one file, `f`, of `size` bytes, for the data-path ceilings
+    (pyfuse3_ceiling.py, iscsi.py, ceph_rbd.py): subclasses answer read (and write)."""
+
+    def __init__(self, size: int, attr_timeout: float = 60.0) -> None:
+        super().__init__()
+        self.size = size
+        self.attr_timeout = attr_timeout
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.st_mode = (stat.S_IFDIR | 0o755) if ino == ROOT else (stat.S_IFREG | 0o644)
+        e.st_size = 0 if ino == ROOT else self.size
+        e.st_nlink = 1
+        e.attr_timeout = e.entry_timeout = self.attr_timeout
+        return e
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None,
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if name != b"f":
+            raise _fail(errno.ENOENT)
+        return self._attr(ROOT + 1)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=inode)
+
+
 def serve(ops: pyfuse3.Operations, mnt: str, options: set[str]) -> None:
     """Mount `ops` on `mnt` and serve on one trio loop until SIGTERM, then unmount."""
 

@@ -17,11 +17,9 @@ interleaved; prints MiB/s or IOPS and the ratios. Never pass/fail.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import re
-import stat
 import statistics
 import subprocess
 import sys
@@ -58,24 +56,7 @@ def serve_floor(mnt: str, portal: str, target: str) -> None:
 
     pipes: list[Pipeline] = []
 
-    class Ops(pyfuse3.Operations):
-        def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
-            e = pyfuse3.EntryAttributes()
-            e.st_ino = ino
-            e.st_mode = (stat.S_IFDIR | 0o755) if ino == 1 else (stat.S_IFREG | 0o644)
-            e.st_size = 0 if ino == 1 else SIZE
-            e.st_nlink = 1
-            e.attr_timeout = e.entry_timeout = 60
-            return e
-
-        async def getattr(self, ino, ctx=None):
-            return self._attr(ino)
-
-        async def lookup(self, parent, name, ctx=None):
-            if name != b"f":
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attr(2)
-
+    class Ops(bare_fs.OneFile):
         async def open(self, ino, flags, ctx):
             if not pipes:
                 session = await trio.to_thread.run_sync(
@@ -90,7 +71,7 @@ def serve_floor(mnt: str, portal: str, target: str) -> None:
             data = await pipes[0].read(first // BLOCK, -(-(off + size - first) // BLOCK) * BLOCK)
             return data[off - first:off - first + size]
 
-    bare_fs.serve(Ops(), mnt, set(pyfuse3.default_options))
+    bare_fs.serve(Ops(SIZE), mnt, set(pyfuse3.default_options))
 
 
 def pipeline_alone(portal: str, target: str, buffer: str, step: str, count: int, depth: int) -> float:

@@ -20,11 +20,9 @@ loops' 60 s never expire within a run; `--attr-timeout 1` gives them tm2fs's CAC
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import signal
-import stat
 import statistics
 import subprocess
 import sys
@@ -49,27 +47,7 @@ def serve(mnt: str, backing: str | None = None, attr_timeout: float = 60.0) -> N
         fd = os.open(backing, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(fd, SIZE)
 
-    class Ops(pyfuse3.Operations):
-        def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
-            e = pyfuse3.EntryAttributes()
-            e.st_ino = ino
-            e.st_mode = (stat.S_IFDIR | 0o755) if ino == 1 else (stat.S_IFREG | 0o644)
-            e.st_size = 0 if ino == 1 else SIZE
-            e.st_nlink = 1
-            e.attr_timeout = e.entry_timeout = attr_timeout
-            return e
-
-        async def getattr(self, ino, ctx=None):
-            return self._attr(ino)
-
-        async def lookup(self, parent, name, ctx=None):
-            if name != b"f":
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attr(2)
-
-        async def open(self, ino, flags, ctx):
-            return pyfuse3.FileInfo(fh=ino)
-
+    class Ops(bare_fs.OneFile):
         async def read(self, fh, off, size):
             if fd >= 0:
                 return os.pread(fd, max(0, min(size, SIZE - off)), off)
@@ -80,7 +58,7 @@ def serve(mnt: str, backing: str | None = None, attr_timeout: float = 60.0) -> N
                 return os.pwrite(fd, buf, off)
             return len(buf)
 
-    bare_fs.serve(Ops(), mnt, set(pyfuse3.default_options))
+    bare_fs.serve(Ops(SIZE, attr_timeout), mnt, set(pyfuse3.default_options))
 
 
 def iops(path: Path, rw: str, runtime: int = 5) -> float:
