@@ -215,12 +215,12 @@ def test_tm2_source_attach_native_and_the_mount_s_attribute(daemon: Daemon, tmp_
     # the VM writes the file itself: the mount and the API may read it, not write beside it
     assert on_mount.read_bytes() == bytes(2**20)
     with pytest.raises(OSError) as e:
-        open(on_mount, "r+b").close()  # noqa: SIM115
+        open(on_mount, "r+b").close()
     assert e.value.errno == errno.EBUSY
     refused = daemon.tm2("write", "local:vm.img", input=b"x")
     assert refused.returncode == 1 and b"attached natively" in refused.stderr
     ok("detach", "local:vm.img", str(link))
-    open(on_mount, "r+b").close()  # noqa: SIM115 - detached: writable again
+    open(on_mount, "r+b").close()
     assert not os.path.lexists(link)
     assert daemon.backends()["local"]["NBVM"] == 0
     inside = daemon.tm2("attach", "--native", "local:vm.img", str(daemon.mnt / "local" / "x"))
