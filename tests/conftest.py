@@ -44,6 +44,15 @@ def daemon(tmp_path: Path) -> Iterator[object]:
         yield d
 
 
+@pytest.fixture
+def public_daemon() -> Iterator[object]:
+    """The daemon in a directory every user can reach: its socket and mount serve `nobody` too."""
+    from tests.daemon import Daemon, public_dir
+
+    with public_dir() as top, Daemon(top) as d:
+        yield d
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[object]:
     """One throwaway PostgreSQL for the session, started only if a test asks for it."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,18 @@ def unmount(path: Path) -> None:
         if not is_mounted(path):
             return
         subprocess.run(["fusermount3", *args, "--", str(path)], capture_output=True, check=False)
+
+
+@contextmanager
+def public_dir(prefix: str = "tm2fs-public-") -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp dirs are root-only), for a daemon whose
+    socket and mount unprivileged users use; removed afterwards."""
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 class Daemon:

@@ -7,12 +7,9 @@ import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -150,15 +147,9 @@ def test_actions_that_make_an_image_make_its_folders(daemon: Daemon, tmp_path: P
 
 
 @pytest.fixture
-def d() -> Iterator[Daemon]:
-    """A daemon whose socket and mount every user can reach (pytest's tmp dirs are root's)."""
-    top = Path(tempfile.mkdtemp(prefix="tm2fs-cli-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
-        with Daemon(top) as daemon:
-            yield daemon
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+def d(public_daemon: Daemon) -> Daemon:
+    """A daemon whose socket and mount every user can reach."""
+    return public_daemon
 
 
 def test_folders_are_the_callers_where_the_caller_may_write(d: Daemon) -> None:

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +23,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, public_dir
 from tm2fs import errors as err
 from tm2fs import metrics
 from tm2fs.core import ROOT, Service
@@ -48,14 +47,10 @@ def port() -> int:
 
 @pytest.fixture
 def daemon(port: int) -> Any:
-    """In a directory every user can reach (pytest's tmp dirs are root-only): nobody scrapes."""
-    top = Path(tempfile.mkdtemp(prefix="tm2fs-metrics-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
-        with Daemon(top, extra=("--metrics-listen", f"127.0.0.1:{port}")) as d:
-            yield d
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    """In a directory every user can reach: nobody scrapes."""
+    with public_dir("tm2fs-metrics-") as top, \
+            Daemon(top, extra=("--metrics-listen", f"127.0.0.1:{port}")) as d:
+        yield d
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ import errno
 import json
 import mmap
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -92,18 +90,6 @@ def test_legacy_transfer_manager_script(daemon: Daemon, tmp_path: Path) -> None:
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
                           capture_output=True, timeout=30, check=False)
-
-
-@pytest.fixture
-def public_daemon():
-    """A daemon whose mountpoint other users can reach (pytest's tmp dirs are root-only)."""
-    top = Path(tempfile.mkdtemp(prefix="tm2fs-public-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
-        with Daemon(top) as d:
-            yield d
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_other_users_follow_the_modes(public_daemon: Daemon) -> None:

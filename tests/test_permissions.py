@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, public_dir
 from tm2fs.store import PoolStore
 from tm2fs.store import schema as st
 
@@ -58,13 +56,9 @@ def tenant() -> Iterator[int]:
 
 @pytest.fixture
 def pub() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp dirs are root-only)."""
-    top = Path(tempfile.mkdtemp(prefix="tm2fs-perms-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
+    """A directory every user can reach."""
+    with public_dir("tm2fs-perms-") as top:
         yield top
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ they make can touch the host outside the test's directory.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,18 +47,6 @@ while True:
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_headers_conformance", "response_schema_conformance", "negative_data_rejection",
           "unsupported_method"]
-
-
-@pytest.fixture
-def public_daemon() -> Iterator[Daemon]:
-    """A daemon whose socket `nobody` can reach (pytest's tmp dirs are root-only)."""
-    top = Path(tempfile.mkdtemp(prefix="tm2fs-schemathesis-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
-        with Daemon(top) as d:
-            yield d
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture

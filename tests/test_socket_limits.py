@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, public_dir
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +31,13 @@ OTHER = 4242  # a second unprivileged user (no passwd entry needed)
 @contextmanager
 def public_daemon(nofile: tuple[int, int] | None = None, **env: str) -> Iterator[Daemon]:
     """A daemon whose socket and mountpoint other users can reach (pytest's tmp is root-only)."""
-    top = Path(tempfile.mkdtemp(prefix="tm2fs-public-", dir="/tmp"))
-    top.chmod(0o755)
-    d = Daemon(top, nofile=nofile)
-    try:
-        d.start(env={**d.env, **env})
-        yield d
-    finally:
-        d.stop()
-        shutil.rmtree(top, ignore_errors=True)
+    with public_dir() as top:
+        d = Daemon(top, nofile=nofile)
+        try:
+            d.start(env={**d.env, **env})
+            yield d
+        finally:
+            d.stop()
 
 
 class Hog:
