@@ -104,8 +104,9 @@ def mounted(url: str, tmp: Path, images: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="tm2fs-bigpool-", dir="/var/tmp"))
     with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tm2fs-bigpool-",
+                                                                  dir="/var/tmp")))
         if args.postgres:
             from tests.servers.postgres import PostgresServer
 

@@ -25,9 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", type=int, default=600, help="creates + deletes made on A")
     n = parser.parse_args().changes // 2
-    with PostgresServer() as pg:
+    with PostgresServer() as pg, tempfile.TemporaryDirectory(prefix="tm2fs-hearing-") as top:
         url = pg.new_database("hearing")
-        root = Path(tempfile.mkdtemp(prefix="tm2fs-hearing-"))
+        root = Path(top)
         daemons = []
         try:
             for host in ("A", "B", "C"):

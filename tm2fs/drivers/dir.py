@@ -64,8 +64,9 @@ class FileHandle(InlineHandle):
     (sync_file_range WRITE: it starts the writeback and does not wait for it), so a copy into the
     mount keeps the disk busy while the next requests arrive, and its final fsync finds little
     left. Measured (benchmarks/acceptance.py, 1 MiB writes ended by fsync): 0.65 of a native
-    file's speed without, 0.95-1.0 with. The kernel would otherwise start, by default, only after
-    30 s or with 10% of memory dirty. Random writes are left to it."""
+    file's speed without, 0.90-0.98 with in some runs and 0.68 in others (then the loop's two
+    copies of each request are the limit: README, The data path). The kernel would otherwise
+    start, by default, only after 30 s or with 10% of memory dirty. Random writes are left to it."""
 
     __slots__ = ("_behind", "_next", "dir", "fd")
 
